@@ -1,0 +1,50 @@
+# `make report` runs the main job, `make test` the tests. Both build .venv first if needed.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+KERNEL := reprokit
+PROFILE ?= full
+export REPROKIT_KERNEL := $(KERNEL)
+
+.PHONY: all setup report report-smoke test lint typecheck unit nbval bench clean
+
+all: test
+
+setup: $(STAMP)
+
+# The stamp depends on pyproject.toml, so a changed dependency list reinstalls.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (reprokit)"
+	touch $(STAMP)
+
+report: $(STAMP)
+	$(BIN)/reprokit report --profile $(PROFILE) --out reports
+
+report-smoke:
+	$(MAKE) report PROFILE=smoke
+
+test: lint typecheck unit nbval
+
+lint: $(STAMP)
+	$(BIN)/ruff check reprokit tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	REPROKIT_PROGRESS=0 $(BIN)/pytest
+
+# nbval executes each notebook as stored: its parameters cell holds the smoke profile.
+nbval: $(STAMP)
+	REPROKIT_PROGRESS=0 $(BIN)/pytest --nbval-lax --nbval-kernel-name $(KERNEL) -p no:cacheprovider notebooks/
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_digest.py
+	$(BIN)/python benchmarks/bench_overhead.py
+
+clean:
+	rm -rf reports .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,220 @@
+"""Determinism audit: rerun a config over seeds, repeats and factors; say what changes the bits.
+
+The reference run of a seed is the config as given (every factor at its base value), repeat 0.
+Every other run of that seed is compared with it by final digest, largest parameter difference
+and the first step and tensors at which their per-step digests part.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from scipy import stats
+from tqdm.auto import tqdm
+
+from reprokit.config import TrainConfig
+from reprokit.digests import first_divergence, max_abs_diff
+from reprokit.errors import ConfigError
+from reprokit.train import RunResult, show_progress, train
+
+FACTORS = ("threads", "deterministic", "num_workers")  # the factors the issue asks for, at least
+NONE = "none"  # the ``changed`` value of runs with every factor at its base value
+_RESULT_COLUMNS = ("seed", "repeat", "changed", "final_metric", "metric", "final_digest", "identical",
+                   "max_abs_diff", "diverged_step", "diverged_tensors", "seconds", "losses")
+
+
+@dataclass(frozen=True)
+class _Job:
+    seed: int
+    repeat: int
+    factors: tuple[tuple[str, Any], ...]
+    config: TrainConfig
+    reference: bool  # repeat 0 with every factor at its base value
+
+
+def audit_determinism(
+    config: TrainConfig,
+    seeds: Sequence[int],
+    repeats: int = 2,
+    vary: Mapping[str, Sequence[Any]] | None = None,
+    *,
+    jobs: int = 1,
+    progress: bool | None = None,
+) -> pd.DataFrame:
+    """Run every seed ``repeats`` times for each combination of the ``vary`` factors.
+
+    Args:
+        config: the base run; each factor's base value is the config's own.
+        seeds: training seeds to study.
+        repeats: runs per (seed, factor combination), at least 1 (2 to test repeatability).
+        vary: config field -> values to try, e.g. ``{"threads": [1, 2]}``; all combinations run.
+        jobs: worker processes; results do not depend on it (each run pins its own threads).
+        progress: one bar over runs; ``None`` follows ``REPROKIT_PROGRESS``.
+
+    Returns:
+        One row per run: seed, repeat, the factors, ``changed`` (factors off their base value),
+        final metric and digest, ``identical`` to the seed's reference, ``max_abs_diff``,
+        ``diverged_step`` and ``diverged_tensors`` (where the per-step digests first part),
+        ``seconds`` and ``losses`` (the per-step loss curve).
+    """
+    jobs_list = _plan(config, seeds, repeats, vary or {})
+    results = _run_all([j.config for j in jobs_list], jobs=jobs, progress=progress)
+    references = {j.seed: (j, r) for j, r in zip(jobs_list, results, strict=True) if j.reference}
+    rows = []
+    for job, result in zip(jobs_list, results, strict=True):
+        ref_job, ref = references[job.seed]
+        base = dict(ref_job.factors)
+        div = first_divergence(ref.tensor_digests, result.tensor_digests)
+        rows.append({
+            "seed": job.seed,
+            "repeat": job.repeat,
+            **dict(job.factors),
+            "changed": ",".join(n for n, v in job.factors if v != base[n]) or NONE,
+            "final_metric": result.final_metric,
+            "metric": result.metric_name,
+            "final_digest": result.final_digest,
+            "identical": result.final_digest == ref.final_digest,
+            "max_abs_diff": max_abs_diff(ref.final_state, result.final_state),
+            "diverged_step": div.step if div else None,
+            "diverged_tensors": ", ".join(div.tensors) if div else "",
+            "seconds": result.seconds,
+            "losses": result.losses[1:],  # step 0 has no loss
+        })
+    frame = pd.DataFrame(rows)
+    frame["diverged_step"] = frame["diverged_step"].astype("Int64")  # None stays <NA>, not NaN
+    return frame
+
+
+def _plan(
+    config: TrainConfig, seeds: Sequence[int], repeats: int, vary: Mapping[str, Sequence[Any]]
+) -> list[_Job]:
+    if not seeds:
+        raise ConfigError("seeds is empty; pass at least one seed, e.g. seeds=[0, 1, 2]")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds {list(seeds)} has duplicates; pass each seed once")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"repeats {repeats!r} must be an int >= 1; pass e.g. repeats=2")
+    fields = set(config.to_dict())
+    for name, values in vary.items():
+        if name not in fields or name == "seed":
+            raise ConfigError(
+                f"cannot vary {name!r}; vary config fields other than seed, e.g. {list(FACTORS)}"
+            )
+        if isinstance(values, str) or not isinstance(values, Iterable) or not list(values):
+            raise ConfigError(f"vary[{name!r}] = {values!r} must be a non-empty list of values")
+    if config.threads is None:
+        # pin what this process uses, so runs in fresh worker processes use the same count
+        config = config.replace(threads=torch.get_num_threads())
+    names = list(vary)
+    # the base combination first, so each seed's reference run is planned before the others
+    base = tuple(getattr(config, n) for n in names)
+    combos = [base] + [c for c in itertools.product(*(list(vary[n]) for n in names)) if c != base]
+    return [
+        _Job(seed, repeat, tuple(zip(names, combo, strict=True)),
+             config.replace(seed=seed, **dict(zip(names, combo, strict=True))),
+             reference=repeat == 0 and i == 0)
+        for seed in seeds
+        for i, combo in enumerate(combos)
+        for repeat in range(repeats)
+    ]
+
+
+def _run_all(configs: list[TrainConfig], *, jobs: int, progress: bool | None) -> list[RunResult]:
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"jobs {jobs!r} must be an int >= 1; pass e.g. jobs=2")
+    bar = tqdm(total=len(configs), desc="audit runs", disable=not show_progress(progress))
+    try:
+        if jobs == 1:
+            out = []
+            for c in configs:
+                out.append(_run_one(c))
+                bar.update()
+            return out
+        # spawn, not fork: forking a process whose OpenMP pool is running can hang the child
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(_run_one, c) for c in configs]
+            results = []
+            for f in futures:
+                results.append(f.result())
+                bar.update()
+            return results
+    finally:
+        bar.close()
+
+
+def _run_one(config: TrainConfig) -> RunResult:
+    return train(config, progress=False)
+
+
+def factor_columns(audit: pd.DataFrame) -> list[str]:
+    """The factor columns of an audit table (those that are not results)."""
+    return [c for c in audit.columns if c not in _RESULT_COLUMNS]
+
+
+def determinism_verdict(audit: pd.DataFrame) -> pd.DataFrame:
+    """Per factor: does changing it alone (everything else at base) change the bits?
+
+    The first row asks whether plain repeats with identical settings are bitwise identical; each
+    further row takes one factor to one non-base value. ``bitwise_identical`` is "yes" when every
+    such run matches its seed's reference digest.
+    """
+    factors = factor_columns(audit)
+    rows = []
+    groups = audit.groupby(["seed", *factors], dropna=False)["final_digest"].nunique()
+    rows.append({
+        "factor": "repeat (same settings)", "base": "", "value": "",
+        "runs": int(len(audit) - len(groups)), "identical_runs": int(len(audit) - groups.sum()),
+        "bitwise_identical": "yes" if (groups == 1).all() else "no",
+        "max_abs_diff": _max_diff_within(audit, factors), "first_diverged_step": None,
+    })
+    reference = audit[(audit["changed"] == NONE) & (audit["repeat"] == 0)]
+    for factor in factors:
+        base = reference[factor].iloc[0]
+        alone = audit[audit["changed"] == factor]
+        for value, part in alone.groupby(factor, sort=True):
+            steps = part["diverged_step"].dropna()
+            rows.append({
+                "factor": factor, "base": str(base), "value": str(value), "runs": len(part),
+                "identical_runs": int(part["identical"].sum()),
+                "bitwise_identical": "yes" if part["identical"].all() else "no",
+                "max_abs_diff": float(part["max_abs_diff"].max()),
+                "first_diverged_step": int(steps.min()) if len(steps) else None,
+            })
+    frame = pd.DataFrame(rows)
+    frame["first_diverged_step"] = frame["first_diverged_step"].astype("Int64")
+    return frame
+
+
+def _max_diff_within(audit: pd.DataFrame, factors: list[str]) -> float:
+    repeats = audit[audit["changed"] == NONE]
+    return float(repeats["max_abs_diff"].max()) if len(repeats) else 0.0
+
+
+def seed_variance(audit: pd.DataFrame) -> pd.DataFrame:
+    """Statistics of the final metric over seeds (repeat 0), one row per factor setting.
+
+    The 95% confidence interval of the mean uses Student's t with n-1 degrees of freedom; it is
+    NaN with a single seed.
+    """
+    factors = factor_columns(audit)
+    first = audit[audit["repeat"] == 0]
+    rows = []
+    for key, part in first.groupby(["changed", *factors], sort=False, dropna=False):
+        values = part["final_metric"].astype(float)
+        n, mean, std = len(values), float(values.mean()), float(values.std(ddof=1))
+        half = float(stats.t.ppf(0.975, n - 1) * std / n**0.5) if n > 1 else float("nan")
+        rows.append({
+            **dict(zip(["changed", *factors], key, strict=True)),
+            "metric": part["metric"].iloc[0], "seeds": n, "mean": mean, "std": std,
+            "ci95_low": mean - half, "ci95_high": mean + half,
+            "min": float(values.min()), "max": float(values.max()),
+        })
+    return pd.DataFrame(rows)

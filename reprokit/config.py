@@ -1,0 +1,135 @@
+"""TrainConfig: the one frozen description of a training run.
+
+Notebook parameters mirror its fields. Unknown keys and ill-typed values are errors here, because
+papermill only warns about a parameter the notebook does not declare.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reprokit.data import DATASETS
+from reprokit.errors import ConfigError
+from reprokit.models import MODELS, OPTIMIZERS
+from reprokit.seeding import SEED_MAX
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run's bits (and nothing that does not)."""
+
+    dataset: str = "digits"  # bundled real data; "regression" is the essays' synthetic MLP task
+    model: str = "cnn"  # small enough for many-seed studies on 2 CPU cores
+    optimizer: str = "sgd"  # plain SGD is the essays' setting; "adam"/"adamw" for realism
+    lr: float = 0.05  # digits with SGD+momentum converges in ~100 steps at this rate
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    epochs: int = 1  # used only when steps is None
+    steps: int | None = None  # optimizer steps; when set it wins over epochs
+    seed: int = 0  # initialisation and batch order
+    split_seed: int = 0  # train/validation split, kept apart so seed studies vary training only
+    val_fraction: float = 0.2
+    deterministic: bool = True  # torch.use_deterministic_algorithms and the cuDNN/cuBLAS knobs
+    threads: int | None = 1  # intra-op threads; they change the bits on CPU, so pin them by default
+    num_workers: int = 0  # DataLoader worker processes; the batch order does not depend on it
+    eval_every: int = 0  # validate every N steps as well as at the end; 0 = only at the end
+    digest_every: int = 1  # per-tensor digests every N steps (finds the first divergence); 0 = off
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("model", self.model, tuple(MODELS))
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("epochs", self.epochs, 1)
+        _at_least("steps", self.steps, 1)
+        _at_least("threads", self.threads, 1)
+        for name in ("num_workers", "eval_every", "digest_every"):
+            _at_least(name, getattr(self, name), 0)
+        for name in ("seed", "split_seed"):
+            value = getattr(self, name)
+            if not 0 <= value <= SEED_MAX:
+                raise ConfigError(
+                    f"{name} {value} is out of range [0, 2**32-1]; pass a non-negative int below 2**32"
+                )
+        if not self.lr > 0:
+            raise ConfigError(f"lr {self.lr} must be > 0; pass e.g. lr=0.05")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction {self.val_fraction} is outside (0, 1); pass e.g. 0.2")
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise ConfigError("momentum and weight_decay must be >= 0")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a mapping; keys not among the fields are an error listing the allowed ones."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config must be a mapping of field: value, got {type(data).__name__}")
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; allowed keys are {sorted(allowed)}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        """Load a ``.yaml``/``.yml`` or ``.json`` file; fields it leaves out take their defaults."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass a .yaml or .json file")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                data = yaml.safe_load(text)
+            elif path.suffix == ".json":
+                data = json.loads(text)
+            else:
+                raise ConfigError(f"config file {str(path)!r} is not .yaml, .yml or .json; rename it")
+        except (yaml.YAMLError, json.JSONDecodeError) as e:
+            raise ConfigError(f"config file {str(path)!r} does not parse: {e}") from e
+        return cls.from_dict(data if data is not None else {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` applied (and validated)."""
+        return self.from_dict({**self.to_dict(), **changes})
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a field's type; ints are accepted (and converted) for floats."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+    wanted = " or ".join("None" if o is type(None) else o.__name__ for o in options)
+    raise ConfigError(f"config field {name!r} = {value!r} is a {type(value).__name__}; pass {wanted}")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} {value!r} is not available; choose one of {sorted(choices)}")
+
+
+def _at_least(name: str, value: int | None, low: int) -> None:
+    if value is not None and value < low:
+        raise ConfigError(f"{name} {value} must be >= {low}")

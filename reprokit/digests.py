@@ -1,0 +1,86 @@
+"""Digests: a fingerprint per tensor and per model, and where two digest histories first differ.
+
+xxh3-128 rather than sha256 because digests run on the training step's hot path: xxh3 hashes at
+memory speed (see benchmarks/bench_digest.py), and collision resistance against an adversary is
+not the point here; telling two honest runs apart is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import xxhash
+
+
+def tensor_digest(name: str, tensor: torch.Tensor) -> str:
+    """xxh3-128 hex digest over a tensor's name, dtype, shape and bytes."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    h = xxhash.xxh3_128()
+    h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+    # viewing as bytes works for every dtype, bfloat16 included, which numpy cannot hold
+    h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def state_digests(state: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Digest of every parameter and buffer, keyed by its ``state_dict`` name, in that order."""
+    tensors = state.state_dict() if isinstance(state, torch.nn.Module) else state
+    return {name: tensor_digest(name, t) for name, t in tensors.items()}
+
+
+def combine_digests(digests: Mapping[str, str]) -> str:
+    """One digest over named digests (order-sensitive, as ``state_dict`` order is fixed)."""
+    h = xxhash.xxh3_128()
+    for name, d in digests.items():
+        h.update(f"{name}={d}\n".encode())
+    return h.hexdigest()
+
+
+def model_digest(state: torch.nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """Digest over every parameter and buffer: equal exactly when the two models are bitwise equal."""
+    return combine_digests(state_digests(state))
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Where two digest histories first differ."""
+
+    step: int
+    tensors: tuple[str, ...]
+
+
+def first_divergence(
+    a: Sequence[tuple[int, Mapping[str, str]]], b: Sequence[tuple[int, Mapping[str, str]]]
+) -> Divergence | None:
+    """The first step (present in both histories) at which any tensor digest differs.
+
+    Each history is a sequence of ``(step, {tensor name: digest})``. Tensors present in only one
+    history count as differing. Returns ``None`` when every shared step matches.
+    """
+    other = dict(b)
+    for step, digests in a:
+        if step not in other:
+            continue
+        theirs = other[step]
+        names = list(digests) + [n for n in theirs if n not in digests]
+        differing = tuple(n for n in names if digests.get(n) != theirs.get(n))
+        if differing:
+            return Divergence(step=step, tensors=differing)
+    return None
+
+
+def max_abs_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """Largest elementwise |a - b| over all tensors; ``inf`` if a name or shape differs."""
+    worst = 0.0
+    for name, ta in a.items():
+        tb = b.get(name)
+        if tb is None or tb.shape != ta.shape:
+            return float("inf")
+        diff = (ta.detach().double() - tb.detach().double()).abs()
+        if diff.numel():
+            worst = max(worst, float(diff.max()))
+    return worst

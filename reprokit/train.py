@@ -1,0 +1,235 @@
+"""Training: ``train(config) -> RunResult``, one straight loop with callbacks.
+
+build (seed, data, model, optimizer, loader) -> loop over steps -> evaluate -> write the result.
+Per-step work is kept small: a loss ``.item()``, a CSV row and, every ``digest_every`` steps,
+one xxh3 digest per tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from reprokit.config import TrainConfig
+from reprokit.data import DatasetBundle, EpochBatchSampler, batches_per_epoch, load_dataset, make_loader
+from reprokit.digests import combine_digests, state_digests
+from reprokit.models import build_model, build_optimizer
+from reprokit.provenance import build_manifest
+from reprokit.rundir import RunWriter
+from reprokit.seeding import SeedRecord, seed_everything
+
+EVAL_BATCH = 512  # validation batch size: evaluation has no gradient, so a large batch is cheap
+
+
+@dataclass
+class TrainState:
+    """What callbacks see after each optimizer step."""
+
+    config: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    data: DatasetBundle
+    total_steps: int
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batch: int = 0  # batches of this epoch consumed
+    loss: float = float("nan")
+
+
+class Callback:
+    """Hooks into the training loop; override what you need."""
+
+    def on_train_start(self, state: TrainState) -> None:
+        """Before the first step, with the freshly initialised model."""
+
+    def on_step_end(self, state: TrainState) -> None:
+        """After each optimizer step."""
+
+    def on_train_end(self, state: TrainState) -> None:
+        """After the last step and the final evaluation."""
+
+
+@dataclass
+class RunResult:
+    """Everything a finished run produced."""
+
+    config: TrainConfig
+    seed_record: SeedRecord
+    data_digest: str
+    metric_name: str
+    final_metric: float
+    final_val_loss: float
+    final_digest: str
+    steps: int
+    seconds: float
+    rows: list[dict[str, Any]] = field(repr=False)
+    tensor_digests: list[tuple[int, dict[str, str]]] = field(repr=False)
+    final_state: dict[str, torch.Tensor] = field(repr=False)
+    run_dir: Path | None = None
+
+    @property
+    def losses(self) -> list[float]:
+        return [r["loss"] for r in self.rows]
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        """One row per step: step, epoch, loss, lr, digest, val_loss, val_metric."""
+        return pd.DataFrame(self.rows)
+
+    def summary(self) -> dict[str, Any]:
+        """The content of result.json."""
+        return {
+            "final_digest": self.final_digest,
+            "final_metric": self.final_metric,
+            "metric_name": self.metric_name,
+            "final_val_loss": self.final_val_loss,
+            "steps": self.steps,
+            "seconds": round(self.seconds, 3),
+            "data_digest": self.data_digest,
+        }
+
+
+def train(
+    config: TrainConfig,
+    run_dir: str | Path | None = None,
+    *,
+    callbacks: tuple[Callback, ...] = (),
+    progress: bool | None = None,
+) -> RunResult:
+    """Train ``config`` from scratch; with ``run_dir``, write the run directory as it goes.
+
+    Args:
+        config: the run.
+        run_dir: a new or empty directory for manifest, metrics, digests, model and result.
+        callbacks: hooks called at start, after every step and at the end.
+        progress: show a progress bar; ``None`` shows one unless ``REPROKIT_PROGRESS=0``.
+    """
+    started = time.perf_counter()
+    seeds = seed_everything(config.seed, deterministic=config.deterministic, threads=config.threads)
+    data = load_dataset(config.dataset, split_seed=config.split_seed, val_fraction=config.val_fraction)
+    model = build_model(config.model, data.input_shape, data.num_outputs)
+    optimizer = build_optimizer(
+        config.optimizer, list(model.parameters()),
+        lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+    )
+    loader = make_loader(
+        data.x_train, data.y_train,
+        batch_size=config.batch_size, seed=config.seed, num_workers=config.num_workers,
+    )
+    sampler = loader.sampler
+    assert isinstance(sampler, EpochBatchSampler)
+    per_epoch = batches_per_epoch(len(data.x_train), config.batch_size)
+    total = config.steps if config.steps is not None else config.epochs * per_epoch
+    state = TrainState(config, model, optimizer, data, total_steps=total)
+    writer = RunWriter(run_dir, build_manifest(config, seeds, data)) if run_dir is not None else None
+    loss_fn = F.cross_entropy if data.task == "classification" else F.mse_loss
+    rows: list[dict[str, Any]] = []
+    history: list[tuple[int, dict[str, str]]] = []
+
+    def record(row: dict[str, Any]) -> None:
+        every = config.digest_every
+        digests = state_digests(model) if every and row["step"] % every == 0 else None
+        if digests is not None:
+            history.append((row["step"], digests))
+            row["digest"] = combine_digests(digests)
+        rows.append(row)
+        if writer is not None:
+            writer.step(row, digests)
+
+    bar = tqdm(total=total, disable=not show_progress(progress), desc=f"{config.model} seed {config.seed}", leave=False)
+    try:
+        model.train()
+        for cb in callbacks:
+            cb.on_train_start(state)
+        # step 0 is the initial model: two runs whose seeds differ already diverge here
+        val_loss, val_metric = evaluate(model, data)
+        record({"step": 0, "epoch": 0, "loss": float("nan"), "lr": _lr(optimizer),
+                "val_loss": val_loss, "val_metric": val_metric})
+        while state.step < total:
+            sampler.set_epoch(state.epoch)
+            for state.batch, (xb, yb) in enumerate(loader, start=1):
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(xb), yb)
+                loss.backward()
+                optimizer.step()
+                state.step += 1
+                state.loss = loss.item()
+                row = {"step": state.step, "epoch": state.epoch, "loss": state.loss,
+                       "lr": _lr(optimizer)}
+                if state.step == total or (config.eval_every and state.step % config.eval_every == 0):
+                    row["val_loss"], row["val_metric"] = evaluate(model, data)
+                record(row)
+                for cb in callbacks:
+                    cb.on_step_end(state)
+                bar.update()
+                if state.step == total:
+                    break
+            else:
+                state.epoch += 1
+    except BaseException:
+        if writer is not None:
+            writer.close()  # every row so far is on disk; result.json stays absent
+        raise
+    finally:
+        bar.close()
+    final_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    final_digests = history[-1][1] if history and history[-1][0] == total else state_digests(final_state)
+    result = RunResult(
+        config=config,
+        seed_record=seeds,
+        data_digest=data.digest,
+        metric_name=metric_name(data),
+        final_metric=rows[-1]["val_metric"],
+        final_val_loss=rows[-1]["val_loss"],
+        final_digest=combine_digests(final_digests),
+        steps=total,
+        seconds=time.perf_counter() - started,
+        rows=rows,
+        tensor_digests=history,
+        final_state=final_state,
+        run_dir=Path(run_dir) if run_dir is not None else None,
+    )
+    for cb in callbacks:
+        cb.on_train_end(state)
+    if writer is not None:
+        writer.finish(final_state, result.summary())
+    return result
+
+
+def show_progress(progress: bool | None) -> bool:
+    """Resolve a ``progress`` argument: ``None`` means on unless ``REPROKIT_PROGRESS=0``."""
+    return progress if progress is not None else os.environ.get("REPROKIT_PROGRESS", "1") != "0"
+
+
+def metric_name(data: DatasetBundle) -> str:
+    """``val_accuracy`` for classification, ``val_r2`` for regression: higher is better for both."""
+    return "val_accuracy" if data.task == "classification" else "val_r2"
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DatasetBundle) -> tuple[float, float]:
+    """Validation loss and metric (accuracy or R²) in eval mode; restores the previous mode."""
+    was_training = model.training
+    model.eval()
+    outputs = torch.cat([model(xb) for xb in data.x_val.split(EVAL_BATCH)])
+    model.train(was_training)
+    if data.task == "classification":
+        loss = F.cross_entropy(outputs, data.y_val)
+        metric = (outputs.argmax(dim=1) == data.y_val).double().mean()
+    else:
+        loss = F.mse_loss(outputs, data.y_val)
+        metric = 1 - ((outputs - data.y_val) ** 2).sum() / ((data.y_val - data.y_val.mean()) ** 2).sum()
+    return float(loss), float(metric)
+
+
+def _lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
