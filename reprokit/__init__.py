@@ -1,3 +1,53 @@
 """reprokit: prove a PyTorch training run is reproducible, traceable and recoverable."""
 
 __version__ = "0.1.0"
+
+from reprokit.audit import audit_determinism, determinism_verdict, divergences, seed_variance  # noqa: E402
+from reprokit.config import TrainConfig  # noqa: E402
+from reprokit.data import DatasetBundle, load_dataset, make_loader  # noqa: E402
+from reprokit.digests import first_divergence, model_digest, state_digests, tensor_digest  # noqa: E402
+from reprokit.errors import ConfigError, DataError, ModelError, ReprokitError, SeedError  # noqa: E402
+from reprokit.models import build_model  # noqa: E402
+from reprokit.plots import plot_loss_curves, plot_metric_distribution  # noqa: E402
+from reprokit.seeding import (  # noqa: E402
+    SeedRecord,
+    capture_rng_state,
+    make_generator,
+    restore_rng_state,
+    seed_everything,
+    seed_worker,
+)
+from reprokit.train import Callback, RunResult, train  # noqa: E402
+
+__all__ = [
+    "Callback",
+    "ConfigError",
+    "DataError",
+    "DatasetBundle",
+    "ModelError",
+    "ReprokitError",
+    "RunResult",
+    "SeedError",
+    "SeedRecord",
+    "TrainConfig",
+    "__version__",
+    "audit_determinism",
+    "build_model",
+    "capture_rng_state",
+    "determinism_verdict",
+    "divergences",
+    "first_divergence",
+    "load_dataset",
+    "make_generator",
+    "make_loader",
+    "model_digest",
+    "plot_loss_curves",
+    "plot_metric_distribution",
+    "restore_rng_state",
+    "seed_everything",
+    "seed_variance",
+    "seed_worker",
+    "state_digests",
+    "tensor_digest",
+    "train",
+]

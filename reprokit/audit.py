@@ -218,3 +218,10 @@ def seed_variance(audit: pd.DataFrame) -> pd.DataFrame:
             "min": float(values.min()), "max": float(values.max()),
         })
     return pd.DataFrame(rows)
+
+
+def divergences(audit: pd.DataFrame) -> pd.DataFrame:
+    """The runs that are not bitwise identical to their seed's reference, and where they split."""
+    columns = ["seed", "repeat", *factor_columns(audit), "changed", "diverged_step",
+               "diverged_tensors", "max_abs_diff"]
+    return audit.loc[~audit["identical"].astype(bool), columns].reset_index(drop=True)
