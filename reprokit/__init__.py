@@ -2,14 +2,14 @@
 
 __version__ = "0.1.0"
 
-from reprokit.audit import audit_determinism, determinism_verdict, divergences, seed_variance  # noqa: E402
-from reprokit.config import TrainConfig  # noqa: E402
-from reprokit.data import DatasetBundle, load_dataset, make_loader  # noqa: E402
-from reprokit.digests import first_divergence, model_digest, state_digests, tensor_digest  # noqa: E402
-from reprokit.errors import ConfigError, DataError, ModelError, ReprokitError, SeedError  # noqa: E402
-from reprokit.models import build_model  # noqa: E402
-from reprokit.plots import plot_loss_curves, plot_metric_distribution  # noqa: E402
-from reprokit.seeding import (  # noqa: E402
+from reprokit.audit import audit_determinism, determinism_verdict, divergences, seed_variance
+from reprokit.config import TrainConfig
+from reprokit.data import DatasetBundle, load_dataset, make_loader
+from reprokit.digests import first_divergence, model_digest, state_digests, tensor_digest
+from reprokit.errors import ConfigError, DataError, ModelError, ReprokitError, SeedError
+from reprokit.models import build_model
+from reprokit.plots import plot_loss_curves, plot_metric_distribution
+from reprokit.seeding import (
     SeedRecord,
     capture_rng_state,
     make_generator,
@@ -17,7 +17,7 @@ from reprokit.seeding import (  # noqa: E402
     seed_everything,
     seed_worker,
 )
-from reprokit.train import Callback, RunResult, train  # noqa: E402
+from reprokit.train import Callback, RunResult, train
 
 __all__ = [
     "Callback",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -63,12 +64,14 @@ class TrainConfig:
                 raise ConfigError(
                     f"{name} {value} is out of range [0, 2**32-1]; pass a non-negative int below 2**32"
                 )
-        if not self.lr > 0:
+        if not self.lr > 0:  # written so that NaN fails too
             raise ConfigError(f"lr {self.lr} must be > 0; pass e.g. lr=0.05")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction {self.val_fraction} is outside (0, 1); pass e.g. 0.2")
-        if self.momentum < 0 or self.weight_decay < 0:
-            raise ConfigError("momentum and weight_decay must be >= 0")
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ConfigError(f"{name} {value} must be a number >= 0; pass e.g. {name}=0.0")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -90,7 +93,7 @@ class TrainConfig:
         text = path.read_text()
         try:
             if path.suffix in (".yaml", ".yml"):
-                data = yaml.safe_load(text)
+                data = yaml.load(text, Loader=_Loader)
             elif path.suffix == ".json":
                 data = json.loads(text)
             else:
@@ -105,6 +108,17 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (and validated)."""
         return self.from_dict({**self.to_dict(), **changes})
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-3`` as a float (YAML 1.2), not as the string PyYAML makes it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:

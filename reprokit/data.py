@@ -98,7 +98,7 @@ class _Batches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self.x)
 
-    def __getitem__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def __getitem__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.tensor(idx)
         return self.x[index], self.y[index]
 
@@ -134,7 +134,7 @@ def make_loader(
 ) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
     """A DataLoader over ``(x, y)`` whose batches are the same for a seed with any ``num_workers``.
 
-    Call ``loader.batch_sampler.set_epoch(e)`` (or ``loader.sampler``) before each epoch.
+    Call ``loader.sampler.set_epoch(e)`` before each epoch.
     """
     sampler = EpochBatchSampler(len(x), batch_size, seed)
     return DataLoader(

@@ -22,7 +22,7 @@ def tensor_digest(name: str, tensor: torch.Tensor) -> str:
     h = xxhash.xxh3_128()
     h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
     # viewing as bytes works for every dtype, bfloat16 included, which numpy cannot hold
-    h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -74,13 +74,22 @@ def first_divergence(
 
 
 def max_abs_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
-    """Largest elementwise |a - b| over all tensors; ``inf`` if a name or shape differs."""
+    """Largest elementwise |a - b| over all tensors.
+
+    ``inf`` if a name is in only one state or a shape differs; ``nan`` if a value is NaN in one
+    state and not at the same place in the other (a run that blew up is not "0 away").
+    """
+    if set(a) != set(b):
+        return float("inf")
     worst = 0.0
     for name, ta in a.items():
-        tb = b.get(name)
-        if tb is None or tb.shape != ta.shape:
+        tb = b[name]
+        if tb.shape != ta.shape:
             return float("inf")
-        diff = (ta.detach().double() - tb.detach().double()).abs()
+        da, db = ta.detach().double(), tb.detach().double()
+        if not torch.equal(da.isnan(), db.isnan()):
+            return float("nan")
+        diff = (da - db).abs().nan_to_num(nan=0.0)  # NaN in both at the same place: no difference
         if diff.numel():
             worst = max(worst, float(diff.max()))
     return worst

@@ -47,9 +47,9 @@ def _resnet18(input_shape: tuple[int, ...], outputs: int) -> nn.Module:
     from torchvision.models import resnet18  # imported here: torchvision is slow to import
 
     channels, _, _ = _image_shape("resnet18", input_shape)
-    model = resnet18(weights=None, num_classes=outputs)
+    model: nn.Module = resnet18(weights=None, num_classes=outputs)
     model.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()  # type: ignore[assignment]
+    model.maxpool = nn.Identity()
     return model
 
 

@@ -6,8 +6,8 @@ once (so pyplot keeps no global reference and a notebook shows it only where it 
 
 from __future__ import annotations
 
-import pandas as pd
 import matplotlib.pyplot as plt
+import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 

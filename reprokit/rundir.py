@@ -18,7 +18,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import pandas as pd
 import torch
@@ -124,7 +124,7 @@ def read_digests(run_dir: str | Path) -> list[tuple[int, dict[str, str]]]:
     """digests.csv as ``[(step, {tensor: digest})]``, the form :func:`first_divergence` takes."""
     frame = pd.read_csv(Path(run_dir) / DIGESTS, dtype={"tensor": str, "digest": str})
     return [
-        (int(step), dict(zip(group["tensor"], group["digest"], strict=True)))
+        (int(cast(int, step)), dict(zip(group["tensor"], group["digest"], strict=True)))
         for step, group in frame.groupby("step", sort=True)
     ]
 

@@ -137,7 +137,8 @@ def derive_seed(seed: int, *keys: int | str) -> int:
 
     Derived rather than ``seed + epoch`` so that seed 0 epoch 1 and seed 1 epoch 0 differ.
     """
-    text = ":".join(str(k) for k in (check_seed(seed), *keys))
+    # typed and NUL-separated, so ("a:b",) and ("a", "b"), or 1 and "1", derive different seeds
+    text = "\0".join(f"{type(k).__name__}={k}" for k in (check_seed(seed), *keys))
     return xxhash.xxh3_64_intdigest(text.encode()) & SEED_MAX
 
 
@@ -162,11 +163,11 @@ class RngState:
 def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> RngState:
     """Capture python, numpy, torch CPU/CUDA and the named generators' states."""
     version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     return RngState(
         python={"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
                 "gauss": gauss},
-        numpy={"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+        numpy={"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
                "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         torch_cpu=torch.get_rng_state(),
         torch_cuda=list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
@@ -176,6 +177,13 @@ def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> R
 
 def restore_rng_state(state: RngState, generators: dict[str, torch.Generator] | None = None) -> None:
     """Put back every state captured by :func:`capture_rng_state`."""
+    gens = generators or {}
+    missing = sorted(set(state.generators) - set(gens))
+    if missing:  # checked first, so a refused restore changes nothing
+        raise SeedError(
+            f"the saved RNG state has generators {missing} that were not passed; pass them in "
+            f"`generators` by the same names"
+        )
     py = state.python
     random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss"]))
     npy = state.numpy
@@ -184,12 +192,5 @@ def restore_rng_state(state: RngState, generators: dict[str, torch.Generator] | 
     torch.set_rng_state(state.torch_cpu)
     if state.torch_cuda:
         torch.cuda.set_rng_state_all(state.torch_cuda)
-    gens = generators or {}
-    missing = sorted(set(state.generators) - set(gens))
-    if missing:
-        raise SeedError(
-            f"the saved RNG state has generators {missing} that were not passed; pass them in "
-            f"`generators` by the same names"
-        )
     for name, g_state in state.generators.items():
         gens[name].set_state(g_state)

@@ -145,7 +145,8 @@ def train(
         if writer is not None:
             writer.step(row, digests)
 
-    bar = tqdm(total=total, disable=not show_progress(progress), desc=f"{config.model} seed {config.seed}", leave=False)
+    bar = tqdm(total=total, disable=not show_progress(progress), leave=False,
+               desc=f"{config.model} seed {config.seed}")
     try:
         model.train()
         for cb in callbacks:
