@@ -71,7 +71,7 @@ def check_parameters(notebook: Path, parameters: Mapping[str, Any]) -> None:
             continue
         raise ReportError(
             f"{notebook.name}: parameter {name!r} = {value!r} is a {type(value).__name__} but the "
-            f"notebook's default {default!r} is a {type(default).__name__}; pass a "
+            f"notebook's default {default!r} is a {type(default).__name__}; pass a value of type "
             f"{type(default).__name__}"
         )
 
