@@ -8,6 +8,8 @@ ones before it (the checkpoint issue resumes mid-epoch this way).
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.context
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -145,4 +147,15 @@ def make_loader(
         worker_init_fn=seed_worker if num_workers else None,
         generator=make_generator(seed),
         persistent_workers=num_workers > 0,
+        multiprocessing_context=_worker_context() if num_workers else None,
     )
+
+
+def _worker_context() -> multiprocessing.context.BaseContext | None:
+    """Fork workers where the platform can: they start in milliseconds, where a spawned worker
+    re-imports torch (seconds). A process started by spawn (an audit worker) would otherwise pass
+    spawn on to its DataLoader. torch pins each worker to one thread, so no OpenMP pool is
+    used after the fork."""
+    if "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return None
