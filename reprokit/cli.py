@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import yaml
 
 from reprokit.config import TrainConfig
-from reprokit.errors import ReprokitError
+from reprokit.errors import ConfigError, ReprokitError
+
+if TYPE_CHECKING:
+    from reprokit.train import RunResult
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,15 +30,62 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from reprokit.faults import Faults
     from reprokit.train import train
 
     config = TrainConfig.from_file(args.config)
-    result = train(config, args.run_dir)
-    print(f"run dir      {args.run_dir}")
+    faults = Faults(crash_at_step=args.crash_at_step, crash_during_save=args.crash_during_save)
+    _print_result(train(config, args.run_dir, faults=faults))
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from reprokit.resume import resume
+
+    changes: dict[str, Any] = dict(_assignment(a) for a in args.set)
+    if args.threads is not None:
+        changes["threads"] = args.threads
+    result = resume(args.run_dir, changes=changes, force=args.force)
+    info = result.resume
+    assert info is not None
+    for name, why in info.skipped:
+        print(f"skipped      {name}: {why}")
+    where = f"{info.checkpoint} (step {info.from_step})" if info.checkpoint else "step 0 (nothing valid)"
+    print(f"resumed from {where} in {info.latency_seconds:.2f} s")
+    for diff in info.differences:
+        print(f"forced       {diff}")
+    _print_result(result)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from reprokit.checkpoint import verify_run
+    from reprokit.rundir import MANIFEST, read_json
+
+    table = verify_run(args.run_dir, config=read_json(args.run_dir, MANIFEST)["config"])
+    if table.empty:
+        print(f"{args.run_dir}: no checkpoints")
+        return 1
+    with pd.option_context("display.max_colwidth", 120, "display.width", 200):
+        print(table.to_string(index=False))
+    bad = int((table["status"] != "ok").sum())
+    print(f"{len(table) - bad}/{len(table)} checkpoints verify")
+    return 0 if bad == 0 else 1
+
+
+def _print_result(result: RunResult) -> None:
+    print(f"run dir      {result.run_dir}")
     print(f"steps        {result.steps}")
     print(f"{result.metric_name:<12} {result.final_metric:.4f}")
     print(f"final digest {result.final_digest}")
-    return 0
+
+
+def _assignment(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as YAML (so 2 is an int, true a bool, 1e-3 a float)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r} is not key=value; pass e.g. --set checkpoint_every=10")
+    return key.strip(), yaml.safe_load(value)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -51,7 +105,22 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a config file into a run directory")
     p.add_argument("--config", required=True, help="a .yaml or .json TrainConfig")
     p.add_argument("--run-dir", required=True, help="a new directory for the run's records")
+    p.add_argument("--crash-at-step", type=int, metavar="K",
+                   help="fault injection: SIGKILL right after optimizer step K")
+    p.add_argument("--crash-during-save", type=int, metavar="K",
+                   help="fault injection: SIGKILL half-way through writing the checkpoint of step K")
     p.set_defaults(func=_train)
+    p = sub.add_parser("resume", help="finish a killed run from its newest valid checkpoint")
+    p.add_argument("run_dir", help="the run directory")
+    p.add_argument("--threads", type=int, help="resume with this many intra-op threads (needs --force)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a config field on resume (repeatable)")
+    p.add_argument("--force", action="store_true",
+                   help="resume despite config/data/code differences (recorded in the manifest)")
+    p.set_defaults(func=_resume)
+    p = sub.add_parser("verify", help="check every checkpoint of a run and print a table")
+    p.add_argument("run_dir", help="the run directory")
+    p.set_defaults(func=_verify)
     p = sub.add_parser("report", help="execute every notebook with papermill and render HTML")
     p.add_argument("--profile", default="smoke", help="a profile in notebooks/profiles.yaml")
     p.add_argument("--out", default="reports", help="where the executed notebooks and HTML go")

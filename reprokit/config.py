@@ -19,13 +19,17 @@ import yaml
 
 from reprokit.data import DATASETS
 from reprokit.errors import ConfigError
-from reprokit.models import MODELS, OPTIMIZERS
+from reprokit.models import LR_SCHEDULES, MODELS, OPTIMIZERS
 from reprokit.seeding import SEED_MAX
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a training run's bits (and nothing that does not)."""
+    """Everything that determines a training run's bits, plus how the run is recorded.
+
+    The recording fields (``RECORDING_FIELDS``: checkpoints, digests, evaluation cadence, worker
+    processes) do not change a single bit of the trained model, so a resume may change them freely.
+    """
 
     dataset: str = "digits"  # bundled real data; "regression" is the essays' synthetic MLP task
     model: str = "cnn"  # small enough for many-seed studies on 2 CPU cores
@@ -33,6 +37,7 @@ class TrainConfig:
     lr: float = 0.05  # digits with SGD+momentum converges in ~100 steps at this rate
     momentum: float = 0.9  # SGD only
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # "cosine" anneals to 0 over the run (its state is checkpointed)
     batch_size: int = 64
     epochs: int = 1  # used only when steps is None
     steps: int | None = None  # optimizer steps; when set it wins over epochs
@@ -44,6 +49,10 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes; the batch order does not depend on it
     eval_every: int = 0  # validate every N steps as well as at the end; 0 = only at the end
     digest_every: int = 1  # per-tensor digests every N steps (finds the first divergence); 0 = off
+    checkpoint_every: int = 0  # full-state checkpoint every N steps; 0 = off
+    checkpoint_seconds: float = 0.0  # ... and/or every T seconds of wall time; 0 = off
+    keep_last: int = 3  # checkpoints kept; older ones are pruned only after a new one verifies
+    async_save: bool = False  # write checkpoints in a background thread; the step waits only for a copy
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -52,12 +61,18 @@ class TrainConfig:
         _choice("dataset", self.dataset, DATASETS)
         _choice("model", self.model, tuple(MODELS))
         _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _at_least("batch_size", self.batch_size, 1)
         _at_least("epochs", self.epochs, 1)
         _at_least("steps", self.steps, 1)
         _at_least("threads", self.threads, 1)
-        for name in ("num_workers", "eval_every", "digest_every"):
+        for name in ("num_workers", "eval_every", "digest_every", "checkpoint_every"):
             _at_least(name, getattr(self, name), 0)
+        _at_least("keep_last", self.keep_last, 1)
+        if not self.checkpoint_seconds >= 0:
+            raise ConfigError(
+                f"checkpoint_seconds {self.checkpoint_seconds} must be >= 0; pass 0 to save by steps only"
+            )
         for name in ("seed", "split_seed"):
             value = getattr(self, name)
             if not 0 <= value <= SEED_MAX:
@@ -108,6 +123,20 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (and validated)."""
         return self.from_dict({**self.to_dict(), **changes})
+
+
+RECORDING_FIELDS = frozenset(
+    {"num_workers", "eval_every", "digest_every", "checkpoint_every", "checkpoint_seconds",
+     "keep_last", "async_save"}
+)
+
+
+def config_differences(
+    a: dict[str, Any], b: dict[str, Any], *, ignore: frozenset[str] = RECORDING_FIELDS
+) -> list[str]:
+    """``"field: a -> b"`` for every field two config dicts disagree on, ``ignore`` left out."""
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in ignore and a.get(k) != b.get(k)]
 
 
 class _Loader(yaml.SafeLoader):

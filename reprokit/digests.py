@@ -7,8 +7,10 @@ not the point here; telling two honest runs apart is.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import xxhash
@@ -93,3 +95,17 @@ def max_abs_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -
         if diff.numel():
             worst = max(worst, float(diff.max()))
     return worst
+
+
+@functools.cache
+def source_digest() -> str:
+    """xxh3-128 over the reprokit package's own source files: the code version a checkpoint records.
+
+    Independent of git, so it also tells an installed copy from an edited one.
+    """
+    root = Path(__file__).parent
+    h = xxhash.xxh3_128()
+    for path in sorted(root.rglob("*.py")):
+        h.update(f"{path.relative_to(root).as_posix()}\0".encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()

@@ -102,3 +102,17 @@ def build_optimizer(
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     raise ModelError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)}")
 
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def build_scheduler(
+    name: str, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """``constant`` (no scheduler) or ``cosine`` (anneal to 0 over ``total_steps``, stepped per step)."""
+    if name == "constant":
+        return None
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    raise ModelError(f"unknown lr_schedule {name!r}; choose one of {list(LR_SCHEDULES)}")

@@ -3,6 +3,7 @@
     RUN_DIR/manifest.json   written before the first step, never rewritten
     RUN_DIR/metrics.csv     one row per step, flushed as it goes, so a crash keeps every step done
     RUN_DIR/digests.csv     step, tensor, digest (long form: pandas reads it directly)
+    RUN_DIR/checkpoints/    full-state checkpoints (reprokit.checkpoint)
     RUN_DIR/model.pt        final parameters and buffers (a plain state_dict)
     RUN_DIR/result.json     written last; its presence means the run finished
 
@@ -22,6 +23,7 @@ from typing import IO, Any, cast
 
 import pandas as pd
 import torch
+import xxhash
 
 from reprokit.errors import ReprokitError
 
@@ -30,6 +32,8 @@ METRICS = "metrics.csv"
 DIGESTS = "digests.csv"
 MODEL = "model.pt"
 RESULT = "result.json"
+RESUMES = "resumes"  # manifest key: one entry per resume, appended
+DIGEST_COLUMNS = ("step", "tensor", "digest")
 METRIC_COLUMNS = ("step", "epoch", "loss", "lr", "digest", "val_loss", "val_metric")
 
 
@@ -64,20 +68,53 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """Digest of a manifest as first written (the ``resumes`` log appended later is left out)."""
+    body = {k: v for k, v in manifest.items() if k != RESUMES}
+    return xxhash.xxh3_128_hexdigest(json.dumps(body, sort_keys=True, default=str).encode())
+
+
+def append_resume(run_dir: str | Path, entry: Mapping[str, Any]) -> None:
+    """Add one entry to the manifest's ``resumes`` log. The manifest is replaced atomically and
+    every key it had before keeps its value, so its :func:`manifest_digest` does not change."""
+    manifest = read_json(run_dir, MANIFEST)
+    manifest[RESUMES] = [*manifest.get(RESUMES, []), dict(entry)]
+    atomic_write_json(Path(run_dir) / MANIFEST, manifest)
+
+
 class RunWriter:
     """Writes one run directory as training goes."""
 
-    def __init__(self, path: str | Path, manifest: Mapping[str, Any]) -> None:
+    def __init__(self, path: str | Path, manifest: Mapping[str, Any], *,
+                 truncate_to: Mapping[str, int] | None = None) -> None:
+        """Start a new run directory, or with ``truncate_to`` reopen an existing one for a resume:
+        its metrics and digests files are cut back to the given byte lengths (what a checkpoint
+        recorded) and appended to from there."""
         self.path = Path(path)
-        if (self.path / MANIFEST).exists():
-            raise RunDirError(
-                f"run directory {str(self.path)!r} already holds a run (it has {MANIFEST}); "
-                "pass a new --run-dir or delete the old one"
-            )
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path / MANIFEST, manifest)
-        self._metrics_file, self._metrics = _csv(self.path / METRICS, METRIC_COLUMNS)
-        self._digests_file, self._digests = _csv(self.path / DIGESTS, ("step", "tensor", "digest"))
+        if truncate_to is None:
+            if (self.path / MANIFEST).exists():
+                raise RunDirError(
+                    f"run directory {str(self.path)!r} already holds a run (it has {MANIFEST}); "
+                    "pass a new --run-dir, delete the old one, or `reprokit resume` it"
+                )
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.path / MANIFEST, manifest)
+        self._manifest_digest = manifest_digest(manifest)
+        self._metrics_file, self._metrics = _csv(self.path / METRICS, METRIC_COLUMNS, truncate_to)
+        self._digests_file, self._digests = _csv(self.path / DIGESTS, DIGEST_COLUMNS, truncate_to)
+
+    def manifest_digest(self) -> str:
+        return self._manifest_digest
+
+    def sync(self) -> dict[str, int]:
+        """Flush and fsync the append-only files; return their byte lengths (a checkpoint keeps
+        them, so a resume can drop the rows written after it)."""
+        sizes = {}
+        for f in (self._metrics_file, self._digests_file):
+            f.flush()
+            os.fsync(f.fileno())
+            sizes[Path(f.name).name] = f.tell()
+        return sizes
 
     def step(self, row: Mapping[str, Any], tensor_digests: Mapping[str, str] | None) -> None:
         if tensor_digests:
@@ -100,11 +137,21 @@ class RunWriter:
         self._digests_file.close()
 
 
-def _csv(path: Path, header: tuple[str, ...]) -> tuple[IO[str], Any]:
-    f = open(path, "w", newline="")  # noqa: SIM115 - closed by RunWriter.close
-    writer = csv.writer(f)
-    writer.writerow(header)
-    return f, writer
+def _csv(path: Path, header: tuple[str, ...], truncate_to: Mapping[str, int] | None) -> tuple[IO[str], Any]:
+    if truncate_to is None or truncate_to.get(path.name, 0) == 0:
+        f = open(path, "w", newline="")  # noqa: SIM115 - closed by RunWriter.close
+        writer = csv.writer(f)
+        writer.writerow(header)
+        return f, writer
+    size = truncate_to[path.name]
+    if not path.is_file() or path.stat().st_size < size:
+        raise RunDirError(
+            f"{str(path)!r} is shorter than the {size} bytes the checkpoint recorded; the run "
+            "directory was changed after the checkpoint was taken"
+        )
+    os.truncate(path, size)
+    f = open(path, "a", newline="")  # noqa: SIM115 - closed by RunWriter.close
+    return f, csv.writer(f)
 
 
 def read_json(run_dir: str | Path, name: str) -> dict[str, Any]:
@@ -117,7 +164,7 @@ def read_json(run_dir: str | Path, name: str) -> dict[str, Any]:
 
 def read_metrics(run_dir: str | Path) -> pd.DataFrame:
     """metrics.csv as a DataFrame, one row per step."""
-    return pd.read_csv(Path(run_dir) / METRICS)
+    return pd.read_csv(Path(run_dir) / METRICS, dtype={"digest": str})
 
 
 def read_digests(run_dir: str | Path) -> list[tuple[int, dict[str, str]]]:

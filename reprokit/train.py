@@ -2,7 +2,8 @@
 
 build (seed, data, model, optimizer, loader) -> loop over steps -> evaluate -> write the result.
 Per-step work is kept small: a loss ``.item()``, a CSV row and, every ``digest_every`` steps,
-one xxh3 digest per tensor.
+one xxh3 digest per tensor. ``reprokit.resume`` rebuilds the same session from a checkpoint and
+re-enters the same loop.
 """
 
 from __future__ import annotations
@@ -17,15 +18,30 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from reprokit.checkpoint import (
+    CALLBACKS_KEY,
+    MODEL_KEY,
+    OPTIMIZER_KEY,
+    RNG_KEY,
+    SCHEDULER_KEY,
+    Checkpointer,
+    CheckpointMeta,
+    Snapshot,
+    architecture,
+    clone_state,
+)
 from reprokit.config import TrainConfig
 from reprokit.data import DatasetBundle, EpochBatchSampler, batches_per_epoch, load_dataset, make_loader
-from reprokit.digests import combine_digests, state_digests
-from reprokit.models import build_model, build_optimizer
+from reprokit.digests import combine_digests, model_digest, source_digest, state_digests
+from reprokit.errors import ConfigError
+from reprokit.faults import NO_FAULTS, Faults, kill_self
+from reprokit.models import build_model, build_optimizer, build_scheduler
 from reprokit.provenance import build_manifest
 from reprokit.rundir import RunWriter
-from reprokit.seeding import SeedRecord, seed_everything
+from reprokit.seeding import SeedRecord, capture_rng_state, seed_everything
 
 EVAL_BATCH = 512  # validation batch size: evaluation has no gradient, so a large batch is cheap
 
@@ -57,6 +73,25 @@ class Callback:
     def on_train_end(self, state: TrainState) -> None:
         """After the last step and the final evaluation."""
 
+    def state_dict(self) -> dict[str, Any] | None:
+        """What a checkpoint must keep for this callback to resume exactly (tensors, plain values)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Put back what :meth:`state_dict` returned."""
+
+
+@dataclass(frozen=True)
+class ResumeInfo:
+    """How a resumed run got going again."""
+
+    checkpoint: str | None  # the checkpoint it continued from; None = restarted from step 0
+    from_step: int
+    skipped: tuple[tuple[str, str], ...]  # (checkpoint, why it was not used), newest first
+    latency_seconds: float  # from the resume call to the first step: verify, load, restore
+    differences: tuple[str, ...]  # environment/config changes accepted with force
+    forced: bool
+
 
 @dataclass
 class RunResult:
@@ -75,6 +110,9 @@ class RunResult:
     tensor_digests: list[tuple[int, dict[str, str]]] = field(repr=False)
     final_state: dict[str, torch.Tensor] = field(repr=False)
     run_dir: Path | None = None
+    resume: ResumeInfo | None = None
+    checkpoints: tuple[int, ...] = ()  # steps at which a checkpoint was committed in this process
+    save_blocked_seconds: tuple[float, ...] = ()  # how long each save held up training
 
     @property
     def losses(self) -> list[float]:
@@ -95,25 +133,33 @@ class RunResult:
             "steps": self.steps,
             "seconds": round(self.seconds, 3),
             "data_digest": self.data_digest,
+            "resumed_from_step": self.resume.from_step if self.resume else None,
         }
 
 
-def train(
-    config: TrainConfig,
-    run_dir: str | Path | None = None,
-    *,
-    callbacks: tuple[Callback, ...] = (),
-    progress: bool | None = None,
-) -> RunResult:
-    """Train ``config`` from scratch; with ``run_dir``, write the run directory as it goes.
+@dataclass
+class Session:
+    """The built objects of one run: what a checkpoint saves and a resume rebuilds."""
 
-    Args:
-        config: the run.
-        run_dir: a new or empty directory for manifest, metrics, digests, model and result.
-        callbacks: hooks called at start, after every step and at the end.
-        progress: show a progress bar; ``None`` shows one unless ``REPROKIT_PROGRESS=0``.
-    """
-    started = time.perf_counter()
+    config: TrainConfig
+    seeds: SeedRecord
+    data: DatasetBundle
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    loader: DataLoader[tuple[torch.Tensor, torch.Tensor]]
+    sampler: EpochBatchSampler
+    total_steps: int
+
+    def generators(self) -> dict[str, torch.Generator]:
+        """The torch.Generators in use besides the global one."""
+        gen = self.loader.generator
+        return {"loader": gen} if gen is not None else {}
+
+
+def build_session(config: TrainConfig) -> Session:
+    """Seed, load the data and build model, optimizer, scheduler and loader, in a fixed order
+    (the model's initial weights come from the global RNG right after seeding)."""
     seeds = seed_everything(config.seed, deterministic=config.deterministic, threads=config.threads)
     data = load_dataset(config.dataset, split_seed=config.split_seed, val_fraction=config.val_fraction)
     model = build_model(config.model, data.input_shape, data.num_outputs)
@@ -129,11 +175,62 @@ def train(
     assert isinstance(sampler, EpochBatchSampler)
     per_epoch = batches_per_epoch(len(data.x_train), config.batch_size)
     total = config.steps if config.steps is not None else config.epochs * per_epoch
-    state = TrainState(config, model, optimizer, data, total_steps=total)
-    writer = RunWriter(run_dir, build_manifest(config, seeds, data)) if run_dir is not None else None
+    scheduler = build_scheduler(config.lr_schedule, optimizer, total)
+    return Session(config, seeds, data, model, optimizer, scheduler, loader, sampler, total)
+
+
+def train(
+    config: TrainConfig,
+    run_dir: str | Path | None = None,
+    *,
+    callbacks: tuple[Callback, ...] = (),
+    progress: bool | None = None,
+    faults: Faults = NO_FAULTS,
+) -> RunResult:
+    """Train ``config`` from scratch; with ``run_dir``, write the run directory as it goes.
+
+    Args:
+        config: the run.
+        run_dir: a new or empty directory for manifest, metrics, digests, checkpoints, model, result.
+        callbacks: hooks called at start, after every step and at the end.
+        progress: show a progress bar; ``None`` shows one unless ``REPROKIT_PROGRESS=0``.
+        faults: kill points for fault-injection experiments (needs ``run_dir``).
+    """
+    started = time.perf_counter()
+    session = build_session(config)
+    faults.check(config, session.total_steps)
+    manifest = build_manifest(config, session.seeds, session.data)
+    writer = RunWriter(run_dir, manifest) if run_dir is not None else None
+    state = TrainState(config, session.model, session.optimizer, session.data, session.total_steps)
+    return run_loop(session, state, writer, callbacks=callbacks, progress=progress, faults=faults,
+                    started=started)
+
+
+def run_loop(
+    session: Session,
+    state: TrainState,
+    writer: RunWriter | None,
+    *,
+    callbacks: tuple[Callback, ...] = (),
+    progress: bool | None = None,
+    faults: Faults = NO_FAULTS,
+    started: float,
+    rows: list[dict[str, Any]] | None = None,
+    history: list[tuple[int, dict[str, str]]] | None = None,
+    resume: ResumeInfo | None = None,
+) -> RunResult:
+    """Train from ``state`` (step 0, or where a checkpoint left off) to the last step.
+
+    ``rows`` and ``history`` hold what earlier processes recorded before ``state.step``.
+    """
+    config, model, optimizer, data = session.config, session.model, session.optimizer, session.data
+    scheduler, loader, sampler = session.scheduler, session.loader, session.sampler
+    total = session.total_steps
     loss_fn = F.cross_entropy if data.task == "classification" else F.mse_loss
-    rows: list[dict[str, Any]] = []
-    history: list[tuple[int, dict[str, str]]] = []
+    rows = [] if rows is None else rows
+    history = [] if history is None else history
+    checkpointer = _checkpointer(config, writer, faults)
+    manifest_digest = writer.manifest_digest() if writer is not None else ""
 
     def record(row: dict[str, Any]) -> None:
         every = config.digest_every
@@ -145,37 +242,64 @@ def train(
         if writer is not None:
             writer.step(row, digests)
 
-    bar = tqdm(total=total, disable=not show_progress(progress), leave=False,
+    def snapshot(clone: bool) -> Snapshot:
+        assert writer is not None
+        weights = model.state_dict()
+        saved: dict[str, Any] = {
+            MODEL_KEY: weights,
+            OPTIMIZER_KEY: optimizer.state_dict(),
+            SCHEDULER_KEY: scheduler.state_dict() if scheduler is not None else None,
+            RNG_KEY: capture_rng_state(session.generators()).to_dict(),
+            CALLBACKS_KEY: {f"{i}:{type(cb).__name__}": cb.state_dict() for i, cb in enumerate(callbacks)},
+        }
+        meta = CheckpointMeta(
+            step=state.step, epoch=state.epoch, batch=state.batch, config=config.to_dict(),
+            data_digest=data.digest, code_version=source_digest(), manifest_digest=manifest_digest,
+            model_digest=model_digest(weights), architecture=architecture(weights),
+            run_files=writer.sync(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
+        return Snapshot(meta, clone_state(saved) if clone else saved)
+
+    bar = tqdm(total=total, initial=state.step, disable=not show_progress(progress), leave=False,
                desc=f"{config.model} seed {config.seed}")
     try:
         model.train()
         for cb in callbacks:
             cb.on_train_start(state)
-        # step 0 is the initial model: two runs whose seeds differ already diverge here
-        val_loss, val_metric = evaluate(model, data)
-        record({"step": 0, "epoch": 0, "loss": float("nan"), "lr": _lr(optimizer),
-                "val_loss": val_loss, "val_metric": val_metric})
+        if state.step == 0:  # step 0 is the initial model: runs whose seeds differ already diverge here
+            val_loss, val_metric = evaluate(model, data)
+            record({"step": 0, "epoch": 0, "loss": float("nan"), "lr": _lr(optimizer),
+                    "val_loss": val_loss, "val_metric": val_metric})
         while state.step < total:
-            sampler.set_epoch(state.epoch)
-            for state.batch, (xb, yb) in enumerate(loader, start=1):
+            # the order of an epoch is computed from (seed, epoch): resuming mid-epoch costs nothing
+            sampler.set_epoch(state.epoch, state.batch)
+            for xb, yb in loader:
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(xb), yb)
                 loss.backward()
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
                 state.step += 1
+                state.batch += 1
+                if state.step == faults.crash_at_step:
+                    kill_self()
                 state.loss = loss.item()
-                row = {"step": state.step, "epoch": state.epoch, "loss": state.loss,
-                       "lr": _lr(optimizer)}
+                row = {"step": state.step, "epoch": state.epoch, "loss": state.loss, "lr": _lr(optimizer)}
                 if state.step == total or (config.eval_every and state.step % config.eval_every == 0):
                     row["val_loss"], row["val_metric"] = evaluate(model, data)
                 record(row)
                 for cb in callbacks:
                     cb.on_step_end(state)
+                if checkpointer is not None and state.step < total and checkpointer.due(state.step):
+                    checkpointer.save(snapshot)
                 bar.update()
                 if state.step == total:
                     break
             else:
-                state.epoch += 1
+                state.epoch, state.batch = state.epoch + 1, 0
+        if checkpointer is not None:
+            checkpointer.wait()
     except BaseException:
         if writer is not None:
             writer.close()  # every row so far is on disk; result.json stays absent
@@ -186,7 +310,7 @@ def train(
     final_digests = history[-1][1] if history and history[-1][0] == total else state_digests(final_state)
     result = RunResult(
         config=config,
-        seed_record=seeds,
+        seed_record=session.seeds,
         data_digest=data.digest,
         metric_name=metric_name(data),
         final_metric=rows[-1]["val_metric"],
@@ -197,13 +321,28 @@ def train(
         rows=rows,
         tensor_digests=history,
         final_state=final_state,
-        run_dir=Path(run_dir) if run_dir is not None else None,
+        run_dir=writer.path if writer is not None else None,
+        resume=resume,
+        checkpoints=tuple(checkpointer.saved) if checkpointer else (),
+        save_blocked_seconds=tuple(checkpointer.blocked_seconds) if checkpointer else (),
     )
     for cb in callbacks:
         cb.on_train_end(state)
     if writer is not None:
         writer.finish(final_state, result.summary())
     return result
+
+
+def _checkpointer(config: TrainConfig, writer: RunWriter | None, faults: Faults) -> Checkpointer | None:
+    if not (config.checkpoint_every or config.checkpoint_seconds):
+        return None
+    if writer is None:
+        raise ConfigError(
+            "checkpoint_every/checkpoint_seconds need a run directory to write to; pass run_dir"
+        )
+    return Checkpointer(writer.path, every=config.checkpoint_every, seconds=config.checkpoint_seconds,
+                        keep=config.keep_last, background=config.async_save,
+                        crash_during_save=faults.crash_during_save)
 
 
 def show_progress(progress: bool | None) -> bool:

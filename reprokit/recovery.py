@@ -1,0 +1,272 @@
+"""Recoverability experiments: kill runs at chosen points, resume them, compare with the reference.
+
+The recoverability ratio of the essays is R = P_r / P_t. The essay's "performance before the crash"
+is ambiguous; here both are measured at the *same step*, the run's last: P_r is the validation
+metric of the killed-and-resumed model, P_t that of the uninterrupted reference. R = 1 and an equal
+final digest is full recovery; R = 1 with a different digest is recovery within noise only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from reprokit.checkpoint import (
+    CONTENTS_FILE,
+    META_FILE,
+    STATE_FILE,
+    list_checkpoints,
+    verify_run,
+)
+from reprokit.config import TrainConfig
+from reprokit.digests import max_abs_diff
+from reprokit.errors import ReprokitError
+from reprokit.rundir import METRICS, read_json, read_metrics
+from reprokit.train import RunResult, train
+
+PHASES = ("step", "save", "external")
+DAMAGES = ("truncated", "flipped byte", "missing file", "malicious pickle", "other architecture",
+           "other config")
+
+
+class RecoveryError(ReprokitError):
+    """A fault-injection run did not die (or resume) the way the experiment needs."""
+
+
+@dataclass(frozen=True)
+class KillPoint:
+    """Where to kill: after optimizer step ``step`` ("step"), half-way through the checkpoint of
+    ``step`` ("save"), or from outside at a random moment ("external", ``step`` is unused)."""
+
+    step: int
+    phase: str = "step"
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise RecoveryError(f"kill phase {self.phase!r} is unknown; choose one of {list(PHASES)}")
+
+    @property
+    def label(self) -> str:
+        return "external" if self.phase == "external" else f"{self.phase} {self.step}"
+
+
+def random_kill_points(n: int, total_steps: int, seed: int) -> list[KillPoint]:
+    """``n`` distinct kill steps in [1, total_steps], drawn with ``seed`` (reproducibly)."""
+    if not 1 <= n <= total_steps:
+        raise RecoveryError(f"cannot draw {n} distinct kill steps from {total_steps} steps")
+    return [KillPoint(s) for s in sorted(random.Random(seed).sample(range(1, total_steps + 1), n))]
+
+
+def kill_run(config: TrainConfig, run_dir: Path, kill: KillPoint, *, seed: int = 0) -> None:
+    """Train ``config`` into ``run_dir`` in a child process that gets SIGKILLed at ``kill``."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    cfg = run_dir.parent / f".{run_dir.name}.config.json"
+    cfg.write_text(json.dumps(config.to_dict()))
+    cmd = [sys.executable, "-m", "reprokit", "train", "--config", str(cfg), "--run-dir", str(run_dir)]
+    if kill.phase != "external":
+        cmd += [f"--crash-{'at-step' if kill.phase == 'step' else 'during-save'}", str(kill.step)]
+    env = {**os.environ, "REPROKIT_PROGRESS": "0"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if kill.phase == "external":
+        _kill_from_outside(proc, run_dir, config, seed)
+    _, err = proc.communicate(timeout=600)
+    cfg.unlink(missing_ok=True)
+    if proc.returncode != -signal.SIGKILL:
+        tail = err.strip().splitlines()[-1:] or ["(no output)"]
+        raise RecoveryError(
+            f"the run in {str(run_dir)!r} was to be killed at {kill.label} but exited with "
+            f"{proc.returncode}: {tail[0]}"
+        )
+
+
+def _kill_from_outside(proc: subprocess.Popen[str], run_dir: Path, config: TrainConfig, seed: int) -> None:
+    """SIGKILL ``proc`` at a random moment once training has begun (start-up time excluded)."""
+    metrics = run_dir / METRICS
+    while proc.poll() is None and not (metrics.exists() and metrics.stat().st_size > 80):
+        time.sleep(0.01)
+    # a cnn step on digits takes a few ms; aim inside the run, not after it
+    steps = config.steps or 100
+    time.sleep(random.Random(seed).uniform(0.0, 0.003 * steps))
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+
+
+def fault_matrix(
+    config: TrainConfig,
+    kill_points: Sequence[KillPoint],
+    work_dir: str | Path,
+    *,
+    resume_threads: Sequence[int | None] = (None,),
+    jobs: int = 2,
+) -> tuple[pd.DataFrame, RunResult]:
+    """Run the reference, kill a run at each point, resume each and compare with the reference.
+
+    Args:
+        config: the run (needs ``checkpoint_every`` or ``checkpoint_seconds``).
+        kill_points: where to kill.
+        work_dir: a directory for the reference and the killed runs.
+        resume_threads: resume every killed run once per entry; ``None`` resumes as the run started,
+            an int resumes with that many intra-op threads (a cross-environment resume, forced).
+        jobs: killed runs to start at once (each is a child process).
+
+    Returns:
+        The fault table (one row per kill point and resume setting) and the reference result.
+    """
+    from reprokit.resume import resume  # resume imports train; kept local so train can import us
+
+    if not (config.checkpoint_every or config.checkpoint_seconds):
+        raise RecoveryError("the config saves no checkpoints; set checkpoint_every (e.g. 10)")
+    work = Path(work_dir)
+    reference = train(config, work / "reference", progress=False)
+    killed = [work / f"killed-{i:02d}-{k.phase}-{k.step}" for i, k in enumerate(kill_points)]
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        list(pool.map(lambda ik: kill_run(config, killed[ik[0]], ik[1], seed=ik[0]), enumerate(kill_points)))
+    rows = []
+    for kill, run_dir in zip(kill_points, killed, strict=True):
+        for threads in resume_threads:
+            target = run_dir.with_name(f"{run_dir.name}-t{threads or config.threads}")
+            shutil.copytree(run_dir, target)
+            changes = {"threads": threads} if threads is not None else None
+            result = resume(target, changes=changes, force=threads is not None, progress=False)
+            assert result.resume is not None
+            rows.append({
+                "kill": kill.label,
+                "phase": kill.phase,
+                "kill_step": kill.step if kill.phase != "external" else _last_step_written(run_dir),
+                "resumed_from": result.resume.from_step,
+                "skipped": len(result.resume.skipped),
+                "resume_latency_s": result.resume.latency_seconds,
+                "threads_start": config.threads,
+                "threads_resume": threads or config.threads,
+                "identical": result.final_digest == reference.final_digest,
+                "max_abs_diff": max_abs_diff(reference.final_state, result.final_state),
+                "P_t": reference.final_metric,
+                "P_r": result.final_metric,
+                "R": result.final_metric / reference.final_metric,
+                "run_dir": str(target),
+            })
+    return pd.DataFrame(rows), reference
+
+
+def _last_step_written(run_dir: Path) -> int:
+    """The last step whose metrics row reached the disk before the kill."""
+    steps = pd.to_numeric(read_metrics(run_dir)["step"], errors="coerce").dropna()
+    return int(steps.max()) if len(steps) else 0
+
+
+def recovery_verdict(table: pd.DataFrame) -> pd.DataFrame:
+    """Per resume thread count: how many resumes are bitwise identical, and the range of R."""
+    out = table.groupby(["threads_start", "threads_resume"]).agg(
+        resumes=("identical", "size"), identical=("identical", "sum"),
+        R_min=("R", "min"), R_max=("R", "max"), max_abs_diff=("max_abs_diff", "max"),
+        latency_median_s=("resume_latency_s", "median"),
+    ).reset_index()
+    out["verdict"] = [f"{int(i)}/{int(n)} resumes bitwise identical" for i, n in
+                      zip(out["identical"], out["resumes"], strict=True)]
+    return out
+
+
+def damage_checkpoint(path: Path, damage: str, *, foreign: Path | None = None) -> None:
+    """Damage one checkpoint directory the way ``damage`` says (for tests and the corruption table).
+
+    ``other architecture`` and ``other config`` copy in ``foreign``, a checkpoint of another run.
+    ``malicious pickle`` replaces ``state.pt`` by a pickle whose loading would create the file
+    ``pwned`` next to it, and records its digest in contents.json as an attacker would.
+    """
+    if damage == "truncated":
+        data = (path / STATE_FILE).read_bytes()
+        (path / STATE_FILE).write_bytes(data[: len(data) // 2])
+    elif damage == "flipped byte":
+        flipped = bytearray((path / STATE_FILE).read_bytes())
+        flipped[len(flipped) // 2] ^= 0x01
+        (path / STATE_FILE).write_bytes(bytes(flipped))
+    elif damage == "missing file":
+        (path / META_FILE).unlink()
+    elif damage == "malicious pickle":
+        import pickle
+
+        _forge(path, STATE_FILE, pickle.dumps(_Exploit(str(path / "pwned")), protocol=2))
+    elif damage in ("other architecture", "other config"):
+        if foreign is None:
+            raise RecoveryError(f"damage {damage!r} needs `foreign`, a checkpoint of another run")
+        config = json.loads((path / META_FILE).read_text())["config"]
+        shutil.rmtree(path)
+        shutil.copytree(foreign, path)
+        if damage == "other architecture":
+            # same config, other weights layout: what a changed model definition in the code gives
+            meta = json.loads((path / META_FILE).read_text())
+            _forge(path, META_FILE, json.dumps({**meta, "config": config}).encode())
+    else:
+        raise RecoveryError(f"damage {damage!r} is unknown; choose one of {list(DAMAGES)}")
+
+
+def _forge(path: Path, fname: str, data: bytes) -> None:
+    """Replace one file and record its digest in contents.json, as a deliberate forger would."""
+    import xxhash
+
+    (path / fname).write_bytes(data)
+    contents = json.loads((path / CONTENTS_FILE).read_text())
+    contents["files"][fname] = {"bytes": len(data), "xxh3_128": xxhash.xxh3_128_hexdigest(data)}
+    (path / CONTENTS_FILE).write_text(json.dumps(contents))
+
+
+class _Exploit:
+    """Unpickling this creates a file: the canary for "loading runs no code"."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[Path]]:
+        return (Path.touch, (Path(self.marker),))
+
+
+def corruption_table(config: TrainConfig, work_dir: str | Path) -> pd.DataFrame:
+    """Damage the newest checkpoint of a run in each way of ``DAMAGES``; say what verify and
+    resume make of it. ``config`` must save at least two checkpoints."""
+    from reprokit.resume import pick_checkpoint
+
+    work = Path(work_dir)
+    base = work / "base"
+    train(config, base, progress=False)
+    if len(list_checkpoints(base)) < 2:
+        raise RecoveryError("the config must leave at least 2 checkpoints; lower checkpoint_every")
+    other_model = "mlp" if config.model != "mlp" else "cnn"
+    foreign_arch = train(config.replace(model=other_model), work / "foreign-arch", progress=False)
+    foreign_cfg = train(config.replace(lr=config.lr * 2), work / "foreign-config", progress=False)
+    foreigns = {"other architecture": foreign_arch, "other config": foreign_cfg}
+    rows = []
+    for damage in DAMAGES:
+        run = work / damage.replace(" ", "-")
+        shutil.copytree(base, run)
+        (run / "result.json").unlink()  # make it resumable: as if killed after its last checkpoint
+        newest = list_checkpoints(run)[0]
+        foreign = foreigns.get(damage)
+        foreign_ckpt = list_checkpoints(foreign.run_dir)[0] if foreign and foreign.run_dir else None
+        damage_checkpoint(newest, damage, foreign=foreign_ckpt)
+        verdict = verify_run(run, config=read_json(run, "manifest.json")["config"])
+        bad = verdict[verdict["checkpoint"] == newest.name].iloc[0]
+        chosen, skipped = pick_checkpoint(run)
+        fallback = f"{chosen} (skips {len(skipped)})" if chosen else "step 0 (nothing valid)"
+        rows.append({
+            "damage": damage,
+            "checkpoint": newest.name,
+            "verify": bad["status"],
+            "problem": bad["problem"].replace(str(run) + "/", ""),
+            "resume_uses": fallback,
+            "code_ran": (newest / "pwned").exists(),
+        })
+    return pd.DataFrame(rows)
+

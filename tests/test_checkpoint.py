@@ -1,0 +1,172 @@
+"""Checkpoints: atomic commit, verified loads, safe unpickling, pruning that keeps a valid one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from reprokit import TrainConfig, train
+from reprokit.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    CheckpointMeta,
+    Snapshot,
+    check_compatible,
+    latest_pointer,
+    list_checkpoints,
+    read_checkpoint,
+    verify_run,
+    write_checkpoint,
+)
+from reprokit.cli import main
+from reprokit.recovery import damage_checkpoint
+
+CKPT = TrainConfig(model="mlp", steps=12, batch_size=128, threads=1, checkpoint_every=4)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ckpt") / "run"
+    train(CKPT, run_dir, progress=False)
+    return run_dir
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(run, target)
+    return target
+
+
+def test_checkpoints_hold_full_state_and_latest_points_to_newest(run: Path) -> None:
+    """Checkpoints at steps 4 and 8 (none at the last step); latest names step 8; state is complete."""
+    names = [p.name for p in list_checkpoints(run)]
+    assert names == ["step-0000008", "step-0000004"]
+    assert latest_pointer(run) == "step-0000008"
+    meta, state = read_checkpoint(run / "checkpoints" / "step-0000008")
+    assert (meta.step, meta.epoch, meta.batch) == (8, 0, 8)
+    assert set(state) >= {"model", "optimizer", "rng", "scheduler", "callbacks"}
+    assert set(state["rng"]) == {"python", "numpy", "torch_cpu", "torch_cuda", "generators"}
+    assert "loader" in state["rng"]["generators"]
+    assert meta.run_files["metrics.csv"] > 0 and meta.config == CKPT.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("truncated", r"state\.pt: truncated or extended"),
+        ("flipped byte", r"state\.pt: content digest does not match"),
+        ("missing file", r"meta\.json: missing"),
+        ("malicious pickle", r"state\.pt: refused to load"),
+    ],
+)
+def test_damaged_checkpoint_is_named_with_what_is_wrong(
+    run: Path, tmp_path: Path, damage: str, message: str
+) -> None:
+    """Each kind of damage gives a CheckpointError naming the file and the problem."""
+    copy = _copy(run, tmp_path)
+    path = list_checkpoints(copy)[0]
+    damage_checkpoint(path, damage)
+    with pytest.raises(CheckpointError, match=message):
+        read_checkpoint(path)
+
+
+def test_malicious_pickle_runs_no_code(run: Path, tmp_path: Path) -> None:
+    """A state.pt whose unpickling would create a file is refused and the file never appears."""
+    copy = _copy(run, tmp_path)
+    path = list_checkpoints(copy)[0]
+    damage_checkpoint(path, "malicious pickle")
+    with pytest.raises(CheckpointError, match="could run code"):
+        read_checkpoint(path)
+    assert not (path / "pwned").exists()
+    table = verify_run(copy)
+    assert table.set_index("checkpoint").loc[path.name, "status"] == "bad"
+    assert not (path / "pwned").exists()
+
+
+def test_uncommitted_directory_without_contents_is_refused(run: Path, tmp_path: Path) -> None:
+    """A checkpoint directory lacking contents.json was never committed and does not load."""
+    copy = _copy(run, tmp_path)
+    path = list_checkpoints(copy)[0]
+    (path / "contents.json").unlink()
+    with pytest.raises(CheckpointError, match="never committed"):
+        read_checkpoint(path)
+
+
+def test_checkpoint_of_other_config_or_architecture_is_refused(run: Path, tmp_path: Path) -> None:
+    """check_compatible names the differing config field, or the tensors whose shapes differ."""
+    meta, state = read_checkpoint(list_checkpoints(run)[0])
+    path = Path("ckpt")
+    with pytest.raises(CheckpointError, match=r"different config \(lr: 0\.05 -> 0\.1\)"):
+        check_compatible(meta, path, config=CKPT.replace(lr=0.1).to_dict(), model_state=state["model"])
+    wider = {**state["model"], "1.weight": torch.zeros(3, 3)}
+    with pytest.raises(CheckpointError, match=r"different model architecture.*1\.weight \(checkpoint"):
+        check_compatible(meta, path, config=CKPT.to_dict(), model_state=wider)
+    # how a run is recorded (checkpoint cadence, workers) is not part of what it computes
+    check_compatible(meta, path, config=CKPT.replace(checkpoint_every=2, num_workers=2).to_dict(),
+                     model_state=state["model"])
+
+
+def test_verify_table_and_cli_report_each_checkpoint(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`reprokit verify` lists every checkpoint, says which is bad and why, and exits 1 then."""
+    assert main(["verify", str(run)]) == 0
+    assert "2/2 checkpoints verify" in capsys.readouterr().out
+    copy = _copy(run, tmp_path)
+    damage_checkpoint(list_checkpoints(copy)[0], "flipped byte")
+    assert main(["verify", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert "1/2 checkpoints verify" in out and "content digest does not match" in out
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path: Path) -> None:
+    """keep_last=2 leaves exactly the two newest checkpoints."""
+    train(CKPT.replace(checkpoint_every=2, keep_last=2), tmp_path / "run", progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000010", "step-0000008"]
+
+
+def test_prune_never_deletes_the_only_valid_checkpoint(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If a new checkpoint fails to verify, the save fails and the older ones stay."""
+    meta, state = read_checkpoint(list_checkpoints(run)[0])
+    saver = Checkpointer(tmp_path, every=1, seconds=0, keep=1, background=False)
+    saver.save(lambda clone: Snapshot(meta, state))
+    first = list_checkpoints(tmp_path)
+    assert [p.name for p in first] == ["step-0000008"]
+
+    def broken(path: Path) -> None:
+        raise CheckpointError(f"{path}: simulated bad disk")
+
+    monkeypatch.setattr("reprokit.checkpoint.read_checkpoint", broken)
+    later = CheckpointMeta(**{**meta.to_dict(), "step": 9})
+    with pytest.raises(CheckpointError, match="simulated bad disk"):
+        saver.save(lambda clone: Snapshot(later, state))
+    assert (tmp_path / "checkpoints" / "step-0000008").is_dir()
+
+
+def test_async_save_gives_the_same_bits_as_sync_save(run: Path, tmp_path: Path) -> None:
+    """Background saving changes neither the final digest nor any checkpoint's content."""
+    result = train(CKPT.replace(async_save=True), tmp_path / "async", progress=False)
+    sync_final = json.loads((run / "result.json").read_text())["final_digest"]
+    assert result.final_digest == sync_final
+    for name in ("step-0000004", "step-0000008"):
+        a, _ = read_checkpoint(run / "checkpoints" / name)
+        b, _ = read_checkpoint(tmp_path / "async" / "checkpoints" / name)
+        assert a.model_digest == b.model_digest
+    assert result.checkpoints == (4, 8)
+
+
+def test_rewriting_a_step_replaces_the_old_checkpoint(run: Path, tmp_path: Path) -> None:
+    """Committing a step that already has a (say damaged) directory replaces it whole."""
+    copy = _copy(run, tmp_path)
+    path = list_checkpoints(copy)[0]
+    meta, state = read_checkpoint(path)
+    damage_checkpoint(path, "truncated")
+    write_checkpoint(copy, Snapshot(meta, state))
+    assert read_checkpoint(path)[0].model_digest == meta.model_digest
+    assert not [p for p in (copy / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
