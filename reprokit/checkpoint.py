@@ -5,10 +5,12 @@
     RUN_DIR/checkpoints/step-0000060/contents.json  size and xxh3-128 of the two files above
     RUN_DIR/checkpoints/latest                      name of the newest committed checkpoint
 
-Commit protocol: write into ``.tmp-step-...`` next to the target, fsync every file and the
-directory, write ``contents.json`` last, rename the directory into place, fsync the parent, then
-replace ``latest``. A kill at any moment leaves either no ``step-...`` directory or a complete one,
-so readers never trust ``latest`` alone: they scan the directories and take the newest that verifies.
+Commit protocol: write into ``.tmp-step-...`` next to the target with ``contents.json`` (size and
+digest of every file, computed while writing), read the files back and check them against it while
+fsyncing them, fsync the directory, rename it into place, fsync the parent, then replace ``latest``.
+Older checkpoints are pruned only after that. A kill at any moment leaves either no ``step-...``
+directory or a complete one, so readers never trust ``latest`` alone: they scan the directories
+and take the newest that verifies.
 Loading never unpickles arbitrary objects: ``state.pt`` goes through ``torch.load(weights_only=True)``
 and everything else is JSON.
 """
@@ -17,23 +19,25 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import os
 import pickle
 import shutil
-import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import pandas as pd
 import torch
 import xxhash
 
 from reprokit.config import config_differences
+from reprokit.digests import model_digest
 from reprokit.errors import ReprokitError
+from reprokit.faults import kill_self
 from reprokit.rundir import _fsync_dir, atomic_write_bytes
 
 CHECKPOINTS = "checkpoints"
@@ -42,7 +46,8 @@ STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 CONTENTS_FILE = "contents.json"
 PREFIX = "step-"
-TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-"  # half-written or retired directories: never read, removed on resume
+TRASH_PREFIX = f"{TMP_PREFIX}trash-"
 FORMAT_VERSION = 1
 # keys of state.pt, named once so writer and reader cannot disagree
 MODEL_KEY, OPTIMIZER_KEY, SCHEDULER_KEY, RNG_KEY, CALLBACKS_KEY = (
@@ -65,10 +70,11 @@ class CheckpointMeta:
     data_digest: str
     code_version: str
     manifest_digest: str
-    model_digest: str
-    architecture: dict[str, list[Any]]  # tensor name -> [dtype, shape]
     run_files: dict[str, int]  # byte length of the run's append-only files at this step
     created: str = ""
+    # filled in by write_checkpoint from the state it writes (in the writer thread when async)
+    model_digest: str = ""
+    architecture: dict[str, list[Any]] = field(default_factory=dict)  # name -> [dtype, shape]
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,14 +98,24 @@ def architecture(state: Mapping[str, torch.Tensor]) -> dict[str, list[Any]]:
     return {name: [str(t.dtype), list(t.shape)] for name, t in state.items()}
 
 
-def clone_state(obj: Any) -> Any:
-    """A deep copy in which every tensor is cloned, so training can go on while it is written."""
+def clone_state(obj: Any, into: Any = None) -> Any:
+    """A deep copy in which every tensor is copied, so training can go on while it is written.
+
+    With ``into`` (an earlier copy of the same structure) tensors are copied into its storage:
+    reusing the memory avoids a fresh allocation's page faults, the larger part of the cost.
+    """
     if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
+        t = obj.detach()
+        same = isinstance(into, torch.Tensor) and (into.shape, into.dtype) == (t.shape, t.dtype)
+        if same and into.device == t.device:
+            return into.copy_(t)
+        return t.clone()
     if isinstance(obj, dict):
-        return {k: clone_state(v) for k, v in obj.items()}
+        earlier = into if isinstance(into, dict) else {}
+        return {k: clone_state(v, earlier.get(k)) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return type(obj)(clone_state(v) for v in obj)
+        same_len = isinstance(into, list | tuple) and len(into) == len(obj)
+        return type(obj)(clone_state(v, into[i] if same_len else None) for i, v in enumerate(obj))
     return obj
 
 
@@ -109,37 +125,41 @@ def write_checkpoint(run_dir: str | Path, snap: Snapshot, *, crash_midway: bool 
     Args:
         run_dir: the run directory.
         snap: the state and metadata to write.
-        crash_midway: fault injection: SIGKILL this process after half of ``state.pt`` is written.
+        crash_midway: fault injection: SIGKILL this process once about half of ``state.pt`` is
+            written (and fsynced), before anything is committed.
     """
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    name = checkpoint_name(snap.meta.step)
+    weights = snap.state[MODEL_KEY]
+    meta = replace(snap.meta, model_digest=model_digest(weights), architecture=architecture(weights))
+    name = checkpoint_name(meta.step)
     tmp = root / f"{TMP_PREFIX}{name}-{os.getpid()}-{threading.get_ident()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    buffer = io.BytesIO()
-    torch.save(snap.state, buffer)
-    files: dict[str, bytes | memoryview] = {STATE_FILE: buffer.getbuffer(),
-             META_FILE: (json.dumps(snap.meta.to_dict(), indent=1, sort_keys=True) + "\n").encode()}
-    contents = {}
-    for fname, data in files.items():
-        contents[fname] = {"bytes": len(data), "xxh3_128": xxhash.xxh3_128_hexdigest(data)}
-        with open(tmp / fname, "wb") as f:
-            if crash_midway and fname == STATE_FILE:
-                f.write(data[: len(data) // 2])
-                f.flush()
-                os.fsync(f.fileno())
-                os.kill(os.getpid(), signal.SIGKILL)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    # contents.json last: its presence (and matching digests) is what makes the checkpoint whole
-    with open(tmp / CONTENTS_FILE, "wb") as f:
-        f.write(json.dumps({"files": contents}, indent=1, sort_keys=True).encode())
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    try:
+        # state.pt is streamed through a hashing writer: no second copy in memory
+        kill_after = _nbytes(snap.state) // 2 if crash_midway else None
+        meta_bytes = (json.dumps(meta.to_dict(), indent=1, sort_keys=True) + "\n").encode()
+        contents = {}
+        with open(tmp / STATE_FILE, "wb") as f:
+            writer = _HashingWriter(f, kill_after)
+            torch.save(snap.state, cast(IO[bytes], writer))
+            contents[STATE_FILE] = writer.record()
+        (tmp / META_FILE).write_bytes(meta_bytes)
+        contents[META_FILE] = {"bytes": len(meta_bytes), "xxh3_128": xxhash.xxh3_128_hexdigest(meta_bytes)}
+        (tmp / CONTENTS_FILE).write_bytes(json.dumps({"files": contents}, indent=1, sort_keys=True).encode())
+        # make the files durable while reading them back to verify: the disk and the CPU work at once
+        durable = threading.Thread(target=_fsync_files, args=(tmp, (STATE_FILE, META_FILE, CONTENTS_FILE)))
+        durable.start()
+        try:
+            _verified_files(tmp)  # what reached the page cache is what was meant, before it counts
+        finally:
+            durable.join()
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        raise
     target = root / name
     if target.exists():  # an older attempt at this step (a resume went back past it): replace it
         old = root / f"{TMP_PREFIX}old-{name}-{os.getpid()}"
@@ -153,6 +173,49 @@ def write_checkpoint(run_dir: str | Path, snap: Snapshot, *, crash_midway: bool 
     return target
 
 
+def _fsync_files(directory: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        fd = os.open(directory / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class _HashingWriter:
+    """File wrapper that digests what passes through; optionally SIGKILLs after ``kill_after`` bytes."""
+
+    def __init__(self, f: io.BufferedWriter, kill_after: int | None) -> None:
+        self.f, self.kill_after = f, kill_after
+        self.hash, self.size = xxhash.xxh3_128(), 0
+
+    def write(self, data: bytes) -> int:
+        if self.kill_after is not None and self.size + len(data) >= self.kill_after:
+            self.f.write(data[: max(0, self.kill_after - self.size)])
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            kill_self()
+        self.hash.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def record(self) -> dict[str, Any]:
+        return {"bytes": self.size, "xxh3_128": self.hash.hexdigest()}
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
 def read_checkpoint(path: str | Path) -> tuple[CheckpointMeta, dict[str, Any]]:
     """Verify a checkpoint directory and load it; any damage raises :class:`CheckpointError`.
 
@@ -161,13 +224,13 @@ def read_checkpoint(path: str | Path) -> tuple[CheckpointMeta, dict[str, Any]]:
     refused before anything runs).
     """
     path = Path(path)
-    data = _verified_files(path)
+    _verified_files(path)
     try:
-        meta = CheckpointMeta(**json.loads(data[META_FILE]))
+        meta = CheckpointMeta(**json.loads((path / META_FILE).read_bytes()))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path / META_FILE}: not a reprokit checkpoint meta file ({e})") from e
     try:
-        state: dict[str, Any] = torch.load(io.BytesIO(data[STATE_FILE]), weights_only=True)
+        state: dict[str, Any] = torch.load(path / STATE_FILE, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path / STATE_FILE}: refused to load: it holds objects other than tensors and plain "
@@ -182,7 +245,7 @@ def read_checkpoint(path: str | Path) -> tuple[CheckpointMeta, dict[str, Any]]:
     return meta, state
 
 
-def _verified_files(path: Path) -> dict[str, bytes]:
+def _verified_files(path: Path) -> None:
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     contents_path = path / CONTENTS_FILE
@@ -195,20 +258,23 @@ def _verified_files(path: Path) -> dict[str, bytes]:
     for required in (STATE_FILE, META_FILE):
         if required not in listed:
             raise CheckpointError(f"{contents_path}: does not list {required}")
-    out = {}
     for fname, expect in sorted(listed.items()):
         fpath = path / fname
         if not fpath.is_file():
             raise CheckpointError(f"{fpath}: missing")
-        data = fpath.read_bytes()
-        if len(data) != expect["bytes"]:
-            raise CheckpointError(
-                f"{fpath}: truncated or extended: {len(data)} bytes, {expect['bytes']} recorded"
-            )
-        if xxhash.xxh3_128_hexdigest(data) != expect["xxh3_128"]:
+        size = fpath.stat().st_size
+        if size != expect["bytes"]:
+            raise CheckpointError(f"{fpath}: truncated or extended: {size} bytes, {expect['bytes']} recorded")
+        if _file_digest(fpath, size) != expect["xxh3_128"]:
             raise CheckpointError(f"{fpath}: content digest does not match contents.json (corrupted)")
-        out[fname] = data
-    return out
+
+
+def _file_digest(path: Path, size: int) -> str:
+    """xxh3-128 of a file, hashed straight from the page cache through mmap (no copy)."""
+    if size == 0:
+        return xxhash.xxh3_128_hexdigest(b"")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        return xxhash.xxh3_128_hexdigest(mm)
 
 
 def check_compatible(
@@ -273,16 +339,25 @@ def verify_run(run_dir: str | Path, *, config: Mapping[str, Any] | None = None) 
 
 
 def prune(run_dir: str | Path, keep: int, *, newest: Path) -> list[Path]:
-    """Delete all but the ``keep`` newest checkpoints; call only after ``newest`` verified.
+    """Retire all but the ``keep`` newest checkpoints; call only after ``newest`` verified.
 
-    ``newest`` is never deleted, so the run always keeps at least one valid checkpoint.
+    ``newest`` is never retired, so the run always keeps at least one valid checkpoint. Retired
+    directories are renamed to ``.tmp-trash-...`` at once (they stop counting as checkpoints);
+    deleting their files is slow on ext4 and left to :func:`delete_trash`.
     """
-    removed = []
+    retired = []
     for path in list_checkpoints(run_dir)[keep:]:
         if path != newest:
-            shutil.rmtree(path)
-            removed.append(path)
-    return removed
+            os.replace(path, path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}"))
+            retired.append(path)
+    return retired
+
+
+def delete_trash(run_dir: str | Path) -> None:
+    """Delete checkpoint directories retired by :func:`prune`."""
+    root = Path(run_dir) / CHECKPOINTS
+    for p in root.glob(f"{TRASH_PREFIX}*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def clean_temporaries(run_dir: str | Path) -> None:
@@ -310,6 +385,8 @@ class Checkpointer:
         self.crash_during_save = crash_during_save
         self._last = time.monotonic()
         self._thread: threading.Thread | None = None
+        self._cleaner: threading.Thread | None = None
+        self._copy: Any = None
         self._error: BaseException | None = None
         self.saved: list[int] = []
         self.blocked_seconds: list[float] = []  # how long each save held up the training step
@@ -319,13 +396,16 @@ class Checkpointer:
             return True
         return bool(self.seconds) and time.monotonic() - self._last >= self.seconds
 
-    def save(self, make_snapshot: Callable[[bool], Snapshot]) -> None:
-        """Take a snapshot (cloned if it will be written in the background) and commit it."""
+    def save(self, make_snapshot: Callable[[], Snapshot]) -> None:
+        """Take a snapshot and commit it (in the background: copy it to memory first)."""
         started = time.perf_counter()
         self.wait()
-        snap = make_snapshot(self.background)
+        snap = make_snapshot()
         crash = snap.meta.step == self.crash_during_save
         if self.background and not crash:
+            # the previous copy is written (wait above), so its memory can take this one
+            self._copy = clone_state(snap.state, self._copy)
+            snap = Snapshot(snap.meta, self._copy)
             self._thread = threading.Thread(target=self._commit_in_thread, args=(snap,),
                                             name=f"reprokit-checkpoint-{snap.meta.step}", daemon=True)
             self._thread.start()
@@ -337,8 +417,11 @@ class Checkpointer:
     def wait(self) -> None:
         """Block until the save in flight (if any) is committed; re-raise its error here."""
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join()  # may start a cleaner, so joined first
             self._thread = None
+        if self._cleaner is not None:
+            self._cleaner.join()
+            self._cleaner = None
         if self._error is not None:
             error, self._error = self._error, None
             raise CheckpointError(f"background checkpoint save failed: {error}") from error
@@ -350,8 +433,9 @@ class Checkpointer:
             self._error = e
 
     def _commit(self, snap: Snapshot, crash: bool) -> None:
-        path = write_checkpoint(self.run_dir, snap, crash_midway=crash)
-        read_checkpoint(path)  # verify what landed on disk before deleting anything older
+        path = write_checkpoint(self.run_dir, snap, crash_midway=crash)  # verified before commit
         self.saved.append(snap.meta.step)
-        if self.keep:
-            prune(self.run_dir, self.keep, newest=path)
+        if self.keep and prune(self.run_dir, self.keep, newest=path):
+            self._cleaner = threading.Thread(target=delete_trash, args=(self.run_dir,),
+                                             name="reprokit-checkpoint-prune")
+            self._cleaner.start()

@@ -30,12 +30,10 @@ from reprokit.checkpoint import (
     Checkpointer,
     CheckpointMeta,
     Snapshot,
-    architecture,
-    clone_state,
 )
 from reprokit.config import TrainConfig
 from reprokit.data import DatasetBundle, EpochBatchSampler, batches_per_epoch, load_dataset, make_loader
-from reprokit.digests import combine_digests, model_digest, source_digest, state_digests
+from reprokit.digests import combine_digests, source_digest, state_digests
 from reprokit.errors import ConfigError
 from reprokit.faults import NO_FAULTS, Faults, kill_self
 from reprokit.models import build_model, build_optimizer, build_scheduler
@@ -242,11 +240,10 @@ def run_loop(
         if writer is not None:
             writer.step(row, digests)
 
-    def snapshot(clone: bool) -> Snapshot:
+    def snapshot() -> Snapshot:
         assert writer is not None
-        weights = model.state_dict()
         saved: dict[str, Any] = {
-            MODEL_KEY: weights,
+            MODEL_KEY: model.state_dict(),
             OPTIMIZER_KEY: optimizer.state_dict(),
             SCHEDULER_KEY: scheduler.state_dict() if scheduler is not None else None,
             RNG_KEY: capture_rng_state(session.generators()).to_dict(),
@@ -255,10 +252,9 @@ def run_loop(
         meta = CheckpointMeta(
             step=state.step, epoch=state.epoch, batch=state.batch, config=config.to_dict(),
             data_digest=data.digest, code_version=source_digest(), manifest_digest=manifest_digest,
-            model_digest=model_digest(weights), architecture=architecture(weights),
             run_files=writer.sync(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
-        return Snapshot(meta, clone_state(saved) if clone else saved)
+        return Snapshot(meta, saved)
 
     bar = tqdm(total=total, initial=state.step, disable=not show_progress(progress), leave=False,
                desc=f"{config.model} seed {config.seed}")

@@ -135,18 +135,18 @@ def test_prune_never_deletes_the_only_valid_checkpoint(
     """If a new checkpoint fails to verify, the save fails and the older ones stay."""
     meta, state = read_checkpoint(list_checkpoints(run)[0])
     saver = Checkpointer(tmp_path, every=1, seconds=0, keep=1, background=False)
-    saver.save(lambda clone: Snapshot(meta, state))
+    saver.save(lambda: Snapshot(meta, state))
     first = list_checkpoints(tmp_path)
     assert [p.name for p in first] == ["step-0000008"]
 
     def broken(path: Path) -> None:
         raise CheckpointError(f"{path}: simulated bad disk")
 
-    monkeypatch.setattr("reprokit.checkpoint.read_checkpoint", broken)
+    monkeypatch.setattr("reprokit.checkpoint._verified_files", broken)
     later = CheckpointMeta(**{**meta.to_dict(), "step": 9})
     with pytest.raises(CheckpointError, match="simulated bad disk"):
-        saver.save(lambda clone: Snapshot(later, state))
-    assert (tmp_path / "checkpoints" / "step-0000008").is_dir()
+        saver.save(lambda: Snapshot(later, state))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()] == ["step-0000008"]
 
 
 def test_async_save_gives_the_same_bits_as_sync_save(run: Path, tmp_path: Path) -> None:

@@ -1,0 +1,166 @@
+"""Checkpoint cost: reprokit's atomic, verified save/load vs bare ``torch.save``/``torch.load``.
+
+Workload: the digits-sized resnet18 with Adam state after a few steps (weights + two moments,
+about 135 MB), plus every RNG state. All variants save the same state into the same directory,
+interleaved, repeated; medians are reported.
+
+- bare save:    ``torch.save(state, path)`` (no fsync, no digest, no rename)
+- bare+fsync:   the same plus ``os.fsync``: what durability alone costs
+- reprokit save: snapshot (RNG capture, model digest), stream to a temp dir with digests, fsync
+  files and directories, contents.json, rename, ``latest`` pointer, re-read and verify on disk
+- async block:  how long ``Checkpointer.save`` holds the training step with ``async_save`` when
+  no earlier save is still in flight (the copy of the state into reused memory)
+- bare load / reprokit load: ``torch.load(weights_only=True)`` vs verify digests + load
+- resume latency: ``reprokit.resume`` from call to first step (rebuild, verify, load, restore)
+
+Targets: reprokit save <= 1.15x bare save; async block <= 10% of a synchronous reprokit save;
+resume latency <= 1 s.
+
+Run: ``python benchmarks/bench_checkpoint.py [--repeats N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reprokit.checkpoint import (
+    MODEL_KEY,
+    OPTIMIZER_KEY,
+    RNG_KEY,
+    SCHEDULER_KEY,
+    Checkpointer,
+    CheckpointMeta,
+    Snapshot,
+    list_checkpoints,
+    read_checkpoint,
+)
+from reprokit.config import TrainConfig
+from reprokit.digests import source_digest
+from reprokit.resume import resume
+from reprokit.seeding import capture_rng_state
+from reprokit.train import build_session, train
+
+TARGET_SAVE, TARGET_ASYNC, TARGET_RESUME = 1.15, 0.10, 1.0
+CONFIG = TrainConfig(model="resnet18", optimizer="adam", lr=1e-3, steps=3, batch_size=32, threads=1)
+
+
+def trained_state() -> tuple[Callable[[], Snapshot], int]:
+    """A snapshot function over resnet18 + Adam after 3 steps, as the training loop builds it."""
+    session = build_session(CONFIG)
+    model, opt = session.model, session.optimizer
+    xb, yb = session.data.x_train[:32], session.data.y_train[:32]
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+
+    def snapshot() -> Snapshot:
+        weights = model.state_dict()
+        state: dict[str, Any] = {MODEL_KEY: weights, OPTIMIZER_KEY: opt.state_dict(), SCHEDULER_KEY: None,
+                                 RNG_KEY: capture_rng_state(session.generators()).to_dict()}
+        meta = CheckpointMeta(step=len(list_snap), epoch=0, batch=3, config=CONFIG.to_dict(),
+                              data_digest=session.data.digest, code_version=source_digest(),
+                              manifest_digest="", run_files={})
+        list_snap.append(1)
+        return Snapshot(meta, state)
+
+    list_snap: list[int] = [1]
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    nbytes += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                  if isinstance(t, torch.Tensor))
+    return snapshot, nbytes
+
+
+def timed(fn: Callable[..., object], *args: Any, **kwargs: Any) -> float:
+    start = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - start
+
+
+def bare_save(state: Any, path: Path, fsync: bool) -> None:
+    torch.save(state, path)
+    if fsync:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def resume_latency(work: Path) -> float:
+    """Latency of a real resume: train with a checkpoint at step 2, drop the result, resume."""
+    run = work / "resume-run"
+    shutil.rmtree(run, ignore_errors=True)
+    train(CONFIG.replace(checkpoint_every=2), run, progress=False)
+    (run / "result.json").unlink()
+    result = resume(run, progress=False)
+    assert result.resume is not None and result.resume.from_step == 2
+    return result.resume.latency_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    snapshot, nbytes = trained_state()
+    work = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=Path.cwd()))
+    times: dict[str, list[float]] = {k: [] for k in (
+        "bare save", "bare save + fsync", "reprokit save", "async block", "bare load", "reprokit load",
+        "resume latency")}
+    # one async checkpointer for the whole run: it reuses its snapshot memory from save to save
+    background = Checkpointer(work / "async", every=1, seconds=0, keep=2, background=True)
+    background.save(snapshot)
+    try:
+        for rep in range(args.repeats):
+            snap = snapshot()
+            # fresh paths: overwriting would charge the baseline for freeing the old file's blocks
+            path = work / f"bare-{rep}.pt"
+            times["bare save"].append(timed(bare_save, snap.state, path, False))
+            path.unlink()
+            times["bare save + fsync"].append(timed(bare_save, snap.state, path, True))
+            sync = Checkpointer(work / "sync", every=1, seconds=0, keep=2, background=False)
+            times["reprokit save"].append(timed(sync.save, snapshot))
+            background.wait()  # no save in flight: measure the copy alone, as in steady training
+            background.save(snapshot)
+            times["async block"].append(background.blocked_seconds[-1])
+            background.wait()
+            times["bare load"].append(timed(torch.load, path, weights_only=True))
+            newest = list_checkpoints(work / "sync")[0]
+            times["reprokit load"].append(timed(read_checkpoint, newest))
+            path.unlink()
+            if rep < 3:  # a full train + resume each: three are enough for a median
+                times["resume latency"].append(resume_latency(work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"resnet18 + Adam on digits: {nbytes / 1e6:.0f} MB of tensors; median of {args.repeats} "
+          f"interleaved repeats ({len(times['resume latency'])} for resume)")
+    print(f"{'operation':<20} {'median s':>9} {'min s':>8} {'max s':>8} {'vs bare save':>13}")
+    print("-" * 62)
+    for name, values in times.items():
+        print(f"{name:<20} {med[name]:>9.4f} {min(values):>8.4f} {max(values):>8.4f} "
+              f"{med[name] / med['bare save']:>12.2f}x")
+    save_ratio = med["reprokit save"] / med["bare save"]
+    async_share = med["async block"] / med["reprokit save"]
+    load_ratio = med["reprokit load"] / med["bare load"]
+
+    def verdict(ok: bool) -> str:
+        return "MET" if ok else "MISSED"
+
+    print(f"SUMMARY: reprokit save / bare save {save_ratio:.2f}x (target <= {TARGET_SAVE}x: "
+          f"{verdict(save_ratio <= TARGET_SAVE)}); vs bare save + fsync "
+          f"{med['reprokit save'] / med['bare save + fsync']:.2f}x; async block / sync save "
+          f"{async_share:.1%} (target <= {TARGET_ASYNC:.0%}: {verdict(async_share <= TARGET_ASYNC)}); "
+          f"reprokit load / bare load {load_ratio:.2f}x; resume latency {med['resume latency']:.2f} s "
+          f"(target <= {TARGET_RESUME} s: {verdict(med['resume latency'] <= TARGET_RESUME)})")
+
+
+if __name__ == "__main__":
+    main()
