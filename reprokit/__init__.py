@@ -3,12 +3,19 @@
 __version__ = "0.1.0"
 
 from reprokit.audit import audit_determinism, determinism_verdict, divergences, seed_variance
+from reprokit.checkpoint import CheckpointError, read_checkpoint, verify_run
 from reprokit.config import TrainConfig
 from reprokit.data import DatasetBundle, load_dataset, make_loader
 from reprokit.digests import first_divergence, model_digest, state_digests, tensor_digest
 from reprokit.errors import ConfigError, DataError, ModelError, ReprokitError, SeedError
 from reprokit.models import build_model
-from reprokit.plots import plot_loss_curves, plot_metric_distribution
+from reprokit.plots import (
+    plot_loss_curves,
+    plot_metric_distribution,
+    plot_recovery_curves,
+    plot_recovery_ratio,
+)
+from reprokit.resume import ResumeError, resume
 from reprokit.seeding import (
     SeedRecord,
     capture_rng_state,
@@ -21,11 +28,13 @@ from reprokit.train import Callback, RunResult, train
 
 __all__ = [
     "Callback",
+    "CheckpointError",
     "ConfigError",
     "DataError",
     "DatasetBundle",
     "ModelError",
     "ReprokitError",
+    "ResumeError",
     "RunResult",
     "SeedError",
     "SeedRecord",
@@ -43,11 +52,16 @@ __all__ = [
     "model_digest",
     "plot_loss_curves",
     "plot_metric_distribution",
+    "plot_recovery_curves",
+    "plot_recovery_ratio",
+    "read_checkpoint",
     "restore_rng_state",
+    "resume",
     "seed_everything",
     "seed_variance",
     "seed_worker",
     "state_digests",
     "tensor_digest",
     "train",
+    "verify_run",
 ]

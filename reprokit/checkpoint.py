@@ -318,8 +318,10 @@ def latest_pointer(run_dir: str | Path) -> str | None:
 def verify_run(run_dir: str | Path, *, config: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """One row per checkpoint: name, step, status ("ok" or "bad"), size, and what is wrong.
 
-    With ``config`` (the run's), a checkpoint written for another config counts as bad too.
+    With ``config`` (the run's), a checkpoint written for another config or another model
+    architecture than that config builds counts as bad too.
     """
+    reference = _reference_state(config) if config is not None else None
     rows = []
     pointer = latest_pointer(run_dir)
     for path in list_checkpoints(run_dir):
@@ -328,14 +330,25 @@ def verify_run(run_dir: str | Path, *, config: Mapping[str, Any] | None = None) 
                                "latest": path.name == pointer, "bytes": size}
         try:
             meta, _ = read_checkpoint(path)
-            diffs = config_differences(meta.config, dict(config)) if config is not None else []
-            if diffs:
-                raise CheckpointError(f"{path}: written for a different config ({'; '.join(diffs)})")
+            if config is not None and reference is not None:
+                check_compatible(meta, path, config=config, model_state=reference)
             row.update(status="ok", problem="")
         except CheckpointError as e:
             row.update(status="bad", problem=str(e))
         rows.append(row)
     return pd.DataFrame(rows, columns=["checkpoint", "step", "latest", "bytes", "status", "problem"])
+
+
+def _reference_state(config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The state_dict layout the config's model has (weights are irrelevant: only shapes count)."""
+    from reprokit.config import TrainConfig
+    from reprokit.data import load_dataset
+    from reprokit.models import build_model
+
+    cfg = TrainConfig.from_dict(dict(config))
+    data = load_dataset(cfg.dataset, split_seed=cfg.split_seed, val_fraction=cfg.val_fraction)
+    with torch.random.fork_rng(devices=[]):  # building a model draws from the global RNG
+        return build_model(cfg.model, data.input_shape, data.num_outputs).state_dict()
 
 
 def prune(run_dir: str | Path, keep: int, *, newest: Path) -> list[Path]:

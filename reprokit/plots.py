@@ -6,6 +6,8 @@ once (so pyplot keeps no global reference and a notebook shows it only where it 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.axes import Axes
@@ -49,6 +51,53 @@ def plot_metric_distribution(audit: pd.DataFrame) -> Figure:
            title=f"Final {metric} over {len(seeds)} seeds")
     ax.tick_params(axis="x", labelsize="small")
     ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def plot_recovery_curves(curves: pd.DataFrame, table: pd.DataFrame) -> Figure:
+    """Loss of the reference run (thick) and of each resumed run (thin), one panel per resume
+    thread count; a dotted line marks each kill step and a dot the step each resume started from."""
+    settings = sorted(table["threads_resume"].unique())
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.0), sharey=True,
+                             layout="constrained", squeeze=False)
+    plt.close(fig)
+    ref = curves[curves["run"] == "reference"]
+    for ax, threads in zip(axes[0], settings, strict=True):
+        ax.plot(ref["step"], ref["loss"], color="0.3", lw=4, alpha=0.35, label="uninterrupted")
+        rows = table[table["threads_resume"] == threads]
+        for i, row in enumerate(rows.itertuples()):
+            run = curves[curves["run"] == Path(str(row.run_dir)).name]
+            color = f"C{i % 10}"
+            ax.plot(run["step"], run["loss"], color=color, lw=1, label=f"killed at {row.kill}")
+            ax.axvline(int(row.kill_step), color=color, ls=":", lw=1)
+            start = run[run["step"] == row.resumed_from]["loss"]
+            if len(start):
+                ax.scatter([row.resumed_from], start, color=color, s=18, zorder=3)
+        identical = int(rows["identical"].sum())
+        ax.set(xlabel="optimizer step", yscale="log",
+               title=f"resumed with {threads} thread(s): {identical}/{len(rows)} bitwise identical")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("training loss")
+    axes[0][-1].legend(fontsize="small", ncols=2)
+    return fig
+
+
+def plot_recovery_ratio(table: pd.DataFrame) -> Figure:
+    """R = P_r / P_t per kill point (left) and resume latency (right), one marker per thread count."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12.0, 4.0), layout="constrained")
+    plt.close(fig)
+    kills = list(dict.fromkeys(table["kill"]))
+    for j, (threads, group) in enumerate(table.groupby("threads_resume")):
+        x = [kills.index(k) + 0.15 * j for k in group["kill"]]
+        left.scatter(x, group["R"], color=f"C{j}", label=f"resumed with {threads} thread(s)", zorder=3)
+        right.scatter(x, group["resume_latency_s"] * 1000, color=f"C{j}", zorder=3)
+    for ax in (left, right):
+        ax.set_xticks(range(len(kills)), kills, rotation=30, ha="right", fontsize="small")
+        ax.grid(alpha=0.3, axis="y")
+    left.axhline(1.0, color="0.3", lw=1, ls="--")
+    left.set(ylabel="R = P_r / P_t", title="Recoverability ratio (1 = same final metric)")
+    left.legend(fontsize="small")
+    right.set(ylabel="ms", ylim=(0, None), title="Resume latency (verify, load, restore)")
     return fig
 
 

@@ -63,11 +63,27 @@ class KillPoint:
         return "external" if self.phase == "external" else f"{self.phase} {self.step}"
 
 
-def random_kill_points(n: int, total_steps: int, seed: int) -> list[KillPoint]:
-    """``n`` distinct kill steps in [1, total_steps], drawn with ``seed`` (reproducibly)."""
-    if not 1 <= n <= total_steps:
-        raise RecoveryError(f"cannot draw {n} distinct kill steps from {total_steps} steps")
-    return [KillPoint(s) for s in sorted(random.Random(seed).sample(range(1, total_steps + 1), n))]
+def kill_plan(
+    total_steps: int,
+    *,
+    steps: Sequence[int] = (),
+    saves: Sequence[int] = (),
+    random_steps: int = 0,
+    seed: int = 0,
+    external: int = 0,
+) -> list[KillPoint]:
+    """The kill points of an experiment: chosen steps, mid-save kills, ``random_steps`` drawn
+    with ``seed`` among the steps not chosen, and ``external`` kills from outside at random moments."""
+    chosen = [KillPoint(s) for s in steps] + [KillPoint(s, "save") for s in saves]
+    if random_steps:
+        rest = sorted(set(range(1, total_steps + 1)) - set(steps))
+        if random_steps > len(rest):
+            raise RecoveryError(f"cannot draw {random_steps} more kill steps from {len(rest)} left")
+        chosen += [KillPoint(s) for s in sorted(random.Random(seed).sample(rest, random_steps))]
+    chosen += [KillPoint(0, "external")] * external
+    if not chosen:
+        raise RecoveryError("no kill points; pass steps, saves, random_steps or external")
+    return chosen
 
 
 def kill_run(config: TrainConfig, run_dir: Path, kill: KillPoint, *, seed: int = 0) -> None:
@@ -135,7 +151,8 @@ def fault_matrix(
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         list(pool.map(lambda ik: kill_run(config, killed[ik[0]], ik[1], seed=ik[0]), enumerate(kill_points)))
     rows = []
-    for kill, run_dir in zip(kill_points, killed, strict=True):
+    for i, (kill, run_dir) in enumerate(zip(kill_points, killed, strict=True)):
+        label = f"external {i}" if kill.phase == "external" else kill.label
         for threads in resume_threads:
             target = run_dir.with_name(f"{run_dir.name}-t{threads or config.threads}")
             shutil.copytree(run_dir, target)
@@ -143,7 +160,7 @@ def fault_matrix(
             result = resume(target, changes=changes, force=threads is not None, progress=False)
             assert result.resume is not None
             rows.append({
-                "kill": kill.label,
+                "kill": label,
                 "phase": kill.phase,
                 "kill_step": kill.step if kill.phase != "external" else _last_step_written(run_dir),
                 "resumed_from": result.resume.from_step,
@@ -165,6 +182,19 @@ def _last_step_written(run_dir: Path) -> int:
     """The last step whose metrics row reached the disk before the kill."""
     steps = pd.to_numeric(read_metrics(run_dir)["step"], errors="coerce").dropna()
     return int(steps.max()) if len(steps) else 0
+
+
+def recovery_curves(table: pd.DataFrame, reference: RunResult) -> pd.DataFrame:
+    """Training loss per step of the reference and of every resumed run, in long form
+    (run, kill, threads_resume, step, loss), read from the run directories."""
+    frames = [pd.DataFrame({"run": "reference", "kill": "", "threads_resume": reference.config.threads,
+                            "step": range(len(reference.losses)), "loss": reference.losses})]
+    for row in table.itertuples():
+        metrics = read_metrics(str(row.run_dir))
+        frames.append(pd.DataFrame({"run": Path(str(row.run_dir)).name, "kill": row.kill,
+                                    "threads_resume": row.threads_resume, "step": metrics["step"],
+                                    "loss": metrics["loss"]}))
+    return pd.concat(frames, ignore_index=True).dropna(subset=["loss"])
 
 
 def recovery_verdict(table: pd.DataFrame) -> pd.DataFrame:
