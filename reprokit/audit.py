@@ -45,6 +45,7 @@ def audit_determinism(
     repeats: int = 2,
     vary: Mapping[str, Sequence[Any]] | None = None,
     *,
+    vary_seeds: Sequence[int] | None = None,
     jobs: int = 1,
     progress: bool | None = None,
 ) -> pd.DataFrame:
@@ -55,6 +56,8 @@ def audit_determinism(
         seeds: training seeds to study.
         repeats: runs per (seed, factor combination), at least 1 (2 to test repeatability).
         vary: config field -> values to try, e.g. ``{"threads": [1, 2]}``; all combinations run.
+        vary_seeds: the seeds on which the ``vary`` combinations run (default: all); the other
+            seeds run the base settings only, which keeps a many-seed variance study affordable.
         jobs: worker processes; results do not depend on it (each run pins its own threads).
         progress: one bar over runs; ``None`` follows ``REPROKIT_PROGRESS``.
 
@@ -64,7 +67,7 @@ def audit_determinism(
         ``diverged_step`` and ``diverged_tensors`` (where the per-step digests first part),
         ``seconds`` and ``losses`` (the per-step loss curve).
     """
-    jobs_list = _plan(config, seeds, repeats, vary or {})
+    jobs_list = _plan(config, seeds, repeats, vary or {}, vary_seeds)
     results = _run_all([j.config for j in jobs_list], jobs=jobs, progress=progress)
     references = {j.seed: (j, r) for j, r in zip(jobs_list, results, strict=True) if j.reference}
     rows = []
@@ -93,7 +96,8 @@ def audit_determinism(
 
 
 def _plan(
-    config: TrainConfig, seeds: Sequence[int], repeats: int, vary: Mapping[str, Sequence[Any]]
+    config: TrainConfig, seeds: Sequence[int], repeats: int, vary: Mapping[str, Sequence[Any]],
+    vary_seeds: Sequence[int] | None = None,
 ) -> list[_Job]:
     if not seeds:
         raise ConfigError("seeds is empty; pass at least one seed, e.g. seeds=[0, 1, 2]")
@@ -109,6 +113,11 @@ def _plan(
             )
         if isinstance(values, str) or not isinstance(values, Iterable) or not list(values):
             raise ConfigError(f"vary[{name!r}] = {values!r} must be a non-empty list of values")
+    if vary_seeds is not None and not set(vary_seeds) <= set(seeds):
+        raise ConfigError(
+            f"vary_seeds {sorted(set(vary_seeds) - set(seeds))} are not among seeds {list(seeds)}; "
+            "pass a subset of seeds"
+        )
     if config.threads is None:
         # pin what this process uses, so runs in fresh worker processes use the same count
         config = config.replace(threads=torch.get_num_threads())
@@ -121,7 +130,7 @@ def _plan(
              config.replace(seed=seed, **dict(zip(names, combo, strict=True))),
              reference=repeat == 0 and i == 0)
         for seed in seeds
-        for i, combo in enumerate(combos)
+        for i, combo in enumerate(combos if vary_seeds is None or seed in vary_seeds else combos[:1])
         for repeat in range(repeats)
     ]
 

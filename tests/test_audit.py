@@ -91,3 +91,12 @@ def test_bad_audit_arguments_are_refused(kwargs: dict[str, object], message: str
     """Bad seeds, repeats, factors or jobs raise ConfigError naming the value."""
     with pytest.raises(ConfigError, match=message):
         audit_determinism(BASE, progress=False, **kwargs)
+
+
+def test_vary_seeds_sweeps_factors_on_a_subset_only() -> None:
+    """Seeds outside vary_seeds run the base settings only; a vary seed not among seeds is refused."""
+    config = TrainConfig(steps=3, threads=1)
+    audit = audit_determinism(config, [0, 1, 2], 1, {"num_workers": [0, 1]}, vary_seeds=[0], progress=False)
+    assert audit.groupby("seed").size().to_dict() == {0: 2, 1: 1, 2: 1}
+    with pytest.raises(ConfigError, match=r"vary_seeds \[5\] are not among seeds"):
+        audit_determinism(config, [0, 1], 1, {"num_workers": [0, 1]}, vary_seeds=[5], progress=False)
