@@ -65,3 +65,18 @@ def test_shipped_profiles_match_the_notebooks() -> None:
     for profile in ("smoke", "full"):
         for name, params in load_profile(profile, NOTEBOOKS).items():
             check_parameters(NOTEBOOKS / f"{name}.ipynb", params)
+
+
+@pytest.mark.parametrize("notebook", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.stem)
+def test_papermill_sees_every_parameter_the_cell_assigns(notebook: Path) -> None:
+    """papermill parses every assignment in the parameters cell (it silently drops lines it cannot)."""
+    import ast
+
+    import nbformat
+    import papermill
+
+    nb = nbformat.read(notebook, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)}
+    assert set(papermill.inspect_notebook(str(notebook))) == assigned
