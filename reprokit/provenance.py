@@ -1,46 +1,340 @@
 """Provenance: what produced a run, written to manifest.json before the first step.
 
-Kept minimal for now (config, seeding, data, versions); the traceability work extends it with the
-code state, the full environment and lineage.
+The manifest records the config, every seeding knob, the data, the environment (versions, CPU,
+threads, environment variables, installed packages), the code (git commit, branch, dirty diff)
+and the lineage (the parent model a fine-tune starts from). Its ``fingerprint`` is one digest
+over what decides the bits (config, code, data, environment, parent), so "same recipe?" is one
+equality, and :func:`manifest_differences` says why two runs are not the same recipe.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import json
+import os
 import platform
+import re
+import subprocess
 import sys
-import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
+import xxhash
 
 from reprokit import __version__
-from reprokit.config import TrainConfig
+from reprokit.config import RECORDING_FIELDS, TrainConfig
 from reprokit.data import DatasetBundle
-from reprokit.seeding import SeedRecord
+from reprokit.digests import source_digest, tensor_digest
+from reprokit.errors import ReprokitError
+from reprokit.rundir import atomic_write_bytes
+from reprokit.seeding import SeedRecord, capture_rng_state
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+CODE_DIFF = "code.diff"  # the uncommitted diff, saved next to manifest.json when the checkout is dirty
+NOT_A_CHECKOUT = "not a git checkout"
+GIT_TIMEOUT = 30.0  # seconds per git call; a diff of a large checkout on a slow disk stays well inside
+# environment variables that change the bits or which device runs; REPROKIT_* are added by prefix
+ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG", "PYTHONHASHSEED",
+            "CUDA_VISIBLE_DEVICES")
+# keys that differ between any two runs, so comparing them says nothing about the recipe
+VOLATILE_KEYS = frozenset({"created", "run_id", "fingerprint"})
+# environment entries that can change the bits; variables are left out because REPROKIT_PROGRESS
+# or REPROKIT_LEDGER differ between machines without changing a bit
+_FINGERPRINT_ENVIRONMENT = ("python", "torch", "torchvision", "numpy", "platform", "cpu", "threads",
+                            "interop_threads", "packages_digest")
+_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def build_manifest(config: TrainConfig, seeds: SeedRecord, data: DatasetBundle) -> dict[str, Any]:
-    """The manifest of a run about to start."""
+class ProvenanceError(ReprokitError, ValueError):
+    """A manifest or a lineage entry is missing something it needs."""
+
+
+@dataclass(frozen=True)
+class CodeState:
+    """The state of the git checkout holding the code; ``reason`` says why there is none."""
+
+    commit: str | None  # None outside git or before the first commit
+    branch: str | None  # None outside git or on a detached HEAD
+    dirty: bool  # tracked files differ from the commit (staged or not); untracked files do not count
+    diff_digest: str | None  # xxh3-128 of ``diff``; None when clean
+    diff: str = field(repr=False)  # ``git diff HEAD --binary``: ``git apply`` restores the tree
+    untracked: int = 0  # files git neither tracks nor ignores
+    repo: str | None = None  # the checkout's top directory
+    reason: str | None = None  # why there is no git information; None inside a checkout
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's ``code`` entry (without the diff text, which goes to ``code.diff``)."""
+        if self.reason is not None:
+            return {"git": NOT_A_CHECKOUT, "reason": self.reason}
+        return {"git": "checkout", "repo": self.repo, "commit": self.commit, "branch": self.branch,
+                "dirty": self.dirty, "diff_digest": self.diff_digest, "untracked": self.untracked}
+
+
+class _NoCheckout(Exception):
+    """Raised inside :func:`code_state` when git cannot describe the directory."""
+
+
+def code_state(repo_dir: Path | None = None) -> CodeState:
+    """Describe the git checkout containing ``repo_dir``; never raises.
+
+    Args:
+        repo_dir: a directory in the checkout; default the reprokit package's own directory, so
+            the answer is about the code that runs, whatever the working directory is. A directory
+            the checkout ignores (an installed copy inside ``.venv``) counts as outside git.
+    """
+    repo = Path(repo_dir) if repo_dir is not None else _PACKAGE_DIR
+    try:
+        return _git_state(repo)
+    except FileNotFoundError:
+        reason = "git is not installed (not on PATH)"
+    except subprocess.TimeoutExpired:
+        reason = f"git did not answer within {GIT_TIMEOUT:g} s"
+    except _NoCheckout as e:
+        reason = str(e)
+    return CodeState(commit=None, branch=None, dirty=False, diff_digest=None, diff="", reason=reason)
+
+
+def _git(repo: Path | str, *args: str) -> subprocess.CompletedProcess[bytes]:
+    # GIT_OPTIONAL_LOCKS=0: parallel runs describing one checkout must not fight over index.lock
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, timeout=GIT_TIMEOUT,
+                          check=False, env=env, stdin=subprocess.DEVNULL)
+
+
+def _out(result: subprocess.CompletedProcess[bytes]) -> str:
+    return result.stdout.decode(errors="replace").strip()
+
+
+def _git_state(repo: Path) -> CodeState:
+    if not repo.is_dir():
+        raise _NoCheckout(f"{str(repo)!r} is not a directory")
+    top_run = _git(repo, "rev-parse", "--show-toplevel")
+    if top_run.returncode != 0:
+        message = top_run.stderr.decode(errors="replace").strip().splitlines()
+        raise _NoCheckout(message[0] if message else f"git rev-parse failed in {str(repo)!r}")
+    top = _out(top_run)
+    if _git(repo, "check-ignore", "-q", ".").returncode == 0:
+        raise _NoCheckout(f"{str(repo)!r} is ignored by the checkout at {top!r} (an installed copy?)")
+    head = _git(top, "rev-parse", "--verify", "-q", "HEAD")
+    commit = _out(head) if head.returncode == 0 else None
+    branch_run = _git(top, "symbolic-ref", "--short", "-q", "HEAD")
+    branch = _out(branch_run) if branch_run.returncode == 0 else None
+    # before the first commit, diff against the empty tree (its id depends on the hash format)
+    base = commit or _out(_git(top, "hash-object", "-t", "tree", "--stdin"))
+    diff_run = _git(top, "diff", base, "--binary", "--no-color", "--no-ext-diff", "--no-textconv")
+    if diff_run.returncode != 0:
+        raise _NoCheckout(f"git diff failed in {top!r}: {diff_run.stderr.decode(errors='replace').strip()}")
+    diff = diff_run.stdout
+    untracked = _git(top, "ls-files", "--others", "--exclude-standard", "-z").stdout
+    return CodeState(
+        commit=commit, branch=branch, dirty=bool(diff),
+        diff_digest=xxhash.xxh3_128_hexdigest(diff) if diff else None,
+        diff=diff.decode("utf-8", "surrogateescape"),  # lossless: save_code_diff writes the same bytes
+        untracked=untracked.count(b"\0"), repo=top,
+    )
+
+
+def save_code_diff(run_dir: Path, code: CodeState) -> None:
+    """Write ``code.diff`` into ``run_dir`` atomically when the checkout is dirty; else nothing."""
+    if code.dirty:
+        atomic_write_bytes(Path(run_dir) / CODE_DIFF, code.diff.encode("utf-8", "surrogateescape"))
+
+
+@functools.cache
+def installed_packages() -> tuple[str, ...]:
+    """``name==version`` of every installed distribution, names normalised (PEP 503), sorted.
+
+    Cached: the scan takes ~0.2 s and what is installed does not change under a running process
+    in any way that the already-imported modules would notice.
+    """
+    found = set()
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:  # a broken install can leave metadata without a name
+            found.add(f"{re.sub(r'[-_.]+', '-', name).lower()}=={dist.version}")
+    return tuple(sorted(found))
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else ``platform.processor()``, else ``"unknown"``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment() -> dict[str, Any]:
+    """Versions, platform, CPU, threads, relevant environment variables and installed packages."""
+    packages = installed_packages()
+    try:
+        torchvision: str | None = importlib.metadata.version("torchvision")  # no import: it is slow
+    except importlib.metadata.PackageNotFoundError:
+        torchvision = None
     return {
+        "python": sys.version.split()[0],
+        "reprokit": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "variables": {k: v for k, v in sorted(os.environ.items())
+                      if k in ENV_VARS or k.startswith("REPROKIT_")},
+        "packages": list(packages),
+        "packages_digest": xxhash.xxh3_128_hexdigest("\n".join(packages).encode()),
+    }
+
+
+def build_manifest(
+    config: TrainConfig,
+    seeds: SeedRecord,
+    data: DatasetBundle,
+    *,
+    parent: Mapping[str, Any] | None = None,
+    repo_dir: Path | None = None,
+    code: CodeState | None = None,
+) -> dict[str, Any]:
+    """The manifest of a run about to start; call it right before the first step.
+
+    Args:
+        config, seeds, data: the run's config, what seeding set, and its data.
+        parent: the model this run starts from, ``{"digest": ..., "run_id": ...}`` (run_id and
+            further keys optional); ``None`` when training from scratch.
+        repo_dir: where to look for the git checkout (see :func:`code_state`).
+        code: a :func:`code_state` taken by the caller, who then saves its diff with
+            :func:`save_code_diff`: one look at the checkout, so manifest and ``code.diff`` agree.
+    """
+    if code is not None and repo_dir is not None:
+        raise ProvenanceError(
+            f"build_manifest got both code and repo_dir={str(repo_dir)!r}; pass only code, which "
+            "already names its checkout"
+        )
+    code = code if code is not None else code_state(repo_dir)
+    manifest: dict[str, Any] = {
         "manifest_version": MANIFEST_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run_id": uuid.uuid4().hex,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": config.to_dict(),
         "seeding": seeds.to_dict(),
+        # the global RNGs as the run starts (in train: after seeding and model initialisation)
+        "rng_state_digest": _rng_state_digest(),
         "data": {
             "name": data.name,
             "task": data.task,
+            "split": {"split_seed": config.split_seed, "val_fraction": config.val_fraction},
             "train_size": len(data.x_train),
             "val_size": len(data.x_val),
             "digest": data.digest,
         },
-        "environment": {
-            "python": sys.version.split()[0],
-            "platform": platform.platform(),
-            "reprokit": __version__,
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-        },
+        "environment": environment(),
+        "code": {**code.to_dict(), "reprokit_source": source_digest()},
+        "lineage": {"parent": _check_parent(parent)},
     }
+    manifest["fingerprint"] = fingerprint(manifest)
+    return manifest
+
+
+def _check_parent(parent: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if parent is None:
+        return None
+    if not isinstance(parent, Mapping) or not isinstance(parent.get("digest"), str):
+        raise ProvenanceError(
+            f"parent {parent!r} has no 'digest' string; pass {{'digest': model_digest(parent_state), "
+            "'run_id': parent_run_id}"
+        )
+    try:
+        json.dumps(dict(parent))
+    except (TypeError, ValueError) as e:
+        raise ProvenanceError(
+            f"parent {parent!r} is not JSON-serialisable ({e}); pass strings and numbers"
+        ) from e
+    return dict(parent)
+
+
+def _rng_state_digest() -> str:
+    h = xxhash.xxh3_128()
+
+    def feed(path: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key in sorted(value):
+                feed(f"{path}.{key}", value[key])
+        elif isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                feed(f"{path}.{i}", item)
+        elif isinstance(value, torch.Tensor):
+            h.update(tensor_digest(path, value).encode())
+        else:
+            h.update(f"{path}={value!r}\n".encode())
+
+    feed("rng", capture_rng_state().to_dict())
+    return h.hexdigest()
+
+
+def fingerprint(manifest: Mapping[str, Any]) -> str:
+    """One xxh3-128 digest over what decides a run's bits: equal fingerprints, same recipe.
+
+    Covered: the config without its recording fields (checkpoint and evaluation cadence change no
+    bit), the seeding record, the code (commit, diff digest, reprokit's source digest), the data
+    digest, the environment entries in ``_FINGERPRINT_ENVIRONMENT`` and the parent's digest.
+    Left out: run id, timestamps, branch, untracked-file count and environment variables.
+    """
+    try:
+        env, code = manifest["environment"], manifest["code"]
+        parent = manifest["lineage"]["parent"]
+        recipe = {
+            "config": {k: v for k, v in manifest["config"].items() if k not in RECORDING_FIELDS},
+            "seeding": manifest["seeding"],
+            "code": {k: code.get(k) for k in ("commit", "diff_digest", "reprokit_source")},
+            "data": manifest["data"]["digest"],
+            "environment": {k: env.get(k) for k in _FINGERPRINT_ENVIRONMENT},
+            "parent": parent["digest"] if parent else None,
+        }
+    except (KeyError, TypeError) as e:
+        raise ProvenanceError(
+            f"manifest has no {e} entry, so it has no fingerprint; it predates manifest version "
+            f"{MANIFEST_VERSION}: rerun with this reprokit to get a full manifest"
+        ) from e
+    return xxhash.xxh3_128_hexdigest(json.dumps(recipe, sort_keys=True).encode())
+
+
+def manifest_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> pd.DataFrame:
+    """Every leaf two manifests disagree on, as rows ``key`` (dotted path), ``a``, ``b``.
+
+    Run id, creation time and fingerprint are left out (they always differ, or differ exactly
+    when a row does). Packages are compared one by one (``environment.packages.numpy``); a key
+    present in one manifest only has ``None`` on the other side.
+    """
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    rows = [(key, flat_a.get(key), flat_b.get(key)) for key in sorted(flat_a.keys() | flat_b.keys())
+            if key.split(".")[0] not in VOLATILE_KEYS and flat_a.get(key) != flat_b.get(key)]
+    return pd.DataFrame(rows, columns=["key", "a", "b"], dtype=object)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if prefix == "environment.packages" and isinstance(value, list):
+        value = {name: version for name, _, version in (str(p).partition("==") for p in value)}
+    if isinstance(value, Mapping) and value:
+        items: list[tuple[str, Any]] = [(str(k), v) for k, v in value.items()]
+    elif isinstance(value, list | tuple) and value:
+        items = [(str(i), v) for i, v in enumerate(value)]
+    else:
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in items:
+        flat.update(_flatten(item, f"{prefix}.{key}" if prefix else key))
+    return flat

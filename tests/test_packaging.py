@@ -15,7 +15,8 @@ import reprokit
 from reprokit import TrainConfig
 
 ROOT = Path(__file__).parent.parent
-AUDIT_PARAMETERS = {"seeds", "repeats", "vary", "jobs", "profile"}  # study settings, not run config
+# study settings, not run config
+AUDIT_PARAMETERS = {"factor_seeds", "seeds", "repeats", "vary", "jobs", "profile"}
 
 
 def _name(requirement: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def test_resume_after_kill_is_bitwise_identical(
     assert result.final_digest == reference.final_digest
     assert result.final_metric == reference.final_metric
     metrics = read_metrics(run_dir)
-    assert metrics["step"].tolist() == list(range(CONFIG.steps + 1))  # no step lost or doubled
+    assert metrics["step"].tolist() == list(range(reference.steps + 1))  # no step lost or doubled
     assert metrics["loss"].tolist()[1:] == reference.losses[1:]
     assert result.tensor_digests == reference.tensor_digests
     assert read_json(run_dir, "manifest.json")["resumes"][0]["from_step"] == result.resume.from_step
@@ -115,7 +116,7 @@ def test_changed_code_version_is_refused(
 ) -> None:
     """A checkpoint written by other reprokit code is refused, naming the code version."""
     run_dir = _fresh(killed, "mid-epoch", tmp_path)
-    monkeypatch.setattr("reprokit.resume.source_digest", lambda: "0" * 32)
+    monkeypatch.setattr(sys.modules["reprokit.resume"], "source_digest", lambda: "0" * 32)
     with pytest.raises(ResumeError, match="reprokit code version"):
         resume(run_dir, progress=False)
 
@@ -159,3 +160,32 @@ def test_crash_flags_are_checked_before_training(tmp_path: Path, capsys: pytest.
     assert not (tmp_path / "run").exists()
     assert main([*argv, "--crash-at-step", "11"]) == 2
     assert "outside the run's steps [1, 10]" in capsys.readouterr().err
+
+
+def test_changed_dataset_digest_is_refused(
+    killed: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the data no longer hashes to what the checkpoint recorded, resume refuses and shows both."""
+    import dataclasses
+
+    from reprokit.train import Session, build_session
+
+    resume_module = sys.modules["reprokit.resume"]  # reprokit.resume, the attribute, is the function
+
+    def other_data(config: TrainConfig) -> Session:
+        session = build_session(config)
+        session.data = dataclasses.replace(session.data, digest="f" * 32)
+        return session
+
+    run_dir = _fresh(killed, "mid-epoch", tmp_path)
+    monkeypatch.setattr(resume_module, "build_session", other_data)
+    with pytest.raises(ResumeError, match=r"data digest: [0-9a-f]{32} -> f{32}"):
+        resume(run_dir, progress=False)
+
+
+def test_checkpoint_seconds_saves_by_wall_clock(tmp_path: Path) -> None:
+    """checkpoint_seconds alone triggers saves; a tiny interval saves after every step but the last."""
+    result = train(TrainConfig(model="mlp", steps=5, threads=1, checkpoint_seconds=1e-9, keep_last=10),
+                   tmp_path / "run", progress=False)
+    assert result.checkpoints == (1, 2, 3, 4)
+    assert len(list_checkpoints(tmp_path / "run")) == 4
