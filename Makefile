@@ -45,6 +45,7 @@ nbval: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_digest.py
 	$(BIN)/python benchmarks/bench_overhead.py
+	$(BIN)/python benchmarks/bench_checkpoint.py
 
 clean:
 	rm -rf reports .pytest_cache .mypy_cache .ruff_cache

@@ -59,15 +59,18 @@ class LedgerError(ReprokitError, ValueError):
     """A ledger operation refers to a run or column that does not fit."""
 
 
-def default_ledger_path() -> Path:
-    """``$REPROKIT_LEDGER`` if set, else ``runs/ledger.sqlite`` under the working directory.
+def default_ledger_path(runs_root: str | Path | None = None) -> Path:
+    """``$REPROKIT_LEDGER`` if set, else ``ledger.sqlite`` in ``runs_root`` (the directory holding
+    the run directories; default ``runs/`` under the working directory).
 
-    Under the project's runs root rather than in the home directory, so each project (and each
-    test's temporary directory) has its own ledger next to the run directories it lists; a sweep
-    that runs notebooks elsewhere sets ``REPROKIT_LEDGER``, which its worker processes inherit.
+    Next to the runs rather than in the home directory, so each project (and each test's temporary
+    directory) has its own ledger listing the run directories beside it; a sweep whose runs live in
+    several places sets ``REPROKIT_LEDGER``, which its worker processes inherit.
     """
     env = os.environ.get(LEDGER_ENV)
-    return Path(env) if env else Path.cwd() / "runs" / "ledger.sqlite"
+    if env:
+        return Path(env)
+    return (Path(runs_root) if runs_root is not None else Path.cwd() / "runs") / "ledger.sqlite"
 
 
 def _now() -> str:

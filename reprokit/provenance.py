@@ -65,7 +65,7 @@ class CodeState:
     branch: str | None  # None outside git or on a detached HEAD
     dirty: bool  # tracked files differ from the commit (staged or not); untracked files do not count
     diff_digest: str | None  # xxh3-128 of ``diff``; None when clean
-    diff: str = field(repr=False)  # ``git diff HEAD --binary``: ``git apply`` restores the tree
+    diff: str = field(repr=False)  # ``git diff HEAD --binary``: ``git apply`` restores the edits
     untracked: int = 0  # files git neither tracks nor ignores
     repo: str | None = None  # the checkout's top directory
     reason: str | None = None  # why there is no git information; None inside a checkout
@@ -79,7 +79,7 @@ class CodeState:
 
 
 class _NoCheckout(Exception):
-    """Raised inside :func:`code_state` when git cannot describe the directory."""
+    pass
 
 
 def code_state(repo_dir: Path | None = None) -> CodeState:
@@ -151,10 +151,7 @@ def save_code_diff(run_dir: Path, code: CodeState) -> None:
 @functools.cache
 def installed_packages() -> tuple[str, ...]:
     """``name==version`` of every installed distribution, names normalised (PEP 503), sorted.
-
-    Cached: the scan takes ~0.2 s and what is installed does not change under a running process
-    in any way that the already-imported modules would notice.
-    """
+    Cached: the scan takes ~0.2 s, and a reinstall would not change the modules already imported."""
     found = set()
     for dist in importlib.metadata.distributions():
         name = dist.metadata["Name"]
