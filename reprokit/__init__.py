@@ -8,6 +8,7 @@ from reprokit.config import TrainConfig
 from reprokit.data import DatasetBundle, load_dataset, make_loader
 from reprokit.digests import first_divergence, model_digest, state_digests, tensor_digest
 from reprokit.errors import ConfigError, DataError, ModelError, ReprokitError, SeedError
+from reprokit.ledger import Ledger, runs
 from reprokit.models import build_model
 from reprokit.plots import (
     plot_loss_curves,
@@ -15,6 +16,7 @@ from reprokit.plots import (
     plot_recovery_curves,
     plot_recovery_ratio,
 )
+from reprokit.provenance import build_manifest, fingerprint, manifest_differences
 from reprokit.resume import ResumeError, resume
 from reprokit.seeding import (
     SeedRecord,
@@ -32,6 +34,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DatasetBundle",
+    "Ledger",
     "ModelError",
     "ReprokitError",
     "ResumeError",
@@ -41,14 +44,17 @@ __all__ = [
     "TrainConfig",
     "__version__",
     "audit_determinism",
+    "build_manifest",
     "build_model",
     "capture_rng_state",
     "determinism_verdict",
     "divergences",
+    "fingerprint",
     "first_divergence",
     "load_dataset",
     "make_generator",
     "make_loader",
+    "manifest_differences",
     "model_digest",
     "plot_loss_curves",
     "plot_metric_distribution",
@@ -57,6 +63,7 @@ __all__ = [
     "read_checkpoint",
     "restore_rng_state",
     "resume",
+    "runs",
     "seed_everything",
     "seed_variance",
     "seed_worker",

@@ -73,6 +73,19 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if bad == 0 else 1
 
 
+def _runs(args: argparse.Namespace) -> int:
+    from reprokit.ledger import runs
+
+    filters: dict[str, Any] = dict(_assignment(a) for a in args.where)
+    table = runs(args.ledger, **filters)
+    if table.empty:
+        print("no runs recorded" + (f" matching {filters}" if filters else ""))
+        return 0
+    with pd.option_context("display.max_colwidth", 40, "display.width", 250, "display.max_columns", 20):
+        print(table.to_string(index=False))
+    return 0
+
+
 def _print_result(result: RunResult) -> None:
     print(f"run dir      {result.run_dir}")
     print(f"steps        {result.steps}")
@@ -121,6 +134,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every checkpoint of a run and print a table")
     p.add_argument("run_dir", help="the run directory")
     p.set_defaults(func=_verify)
+    p = sub.add_parser("runs", help="the run ledger as a table")
+    p.add_argument("--ledger", help="the ledger file (default: $REPROKIT_LEDGER, else runs/ledger.sqlite)")
+    p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
+                   help="keep rows whose column equals the value (repeatable), e.g. --where status=finished")
+    p.set_defaults(func=_runs)
     p = sub.add_parser("report", help="execute every notebook with papermill and render HTML")
     p.add_argument("--profile", default="smoke", help="a profile in notebooks/profiles.yaml")
     p.add_argument("--out", default="reports", help="where the executed notebooks and HTML go")

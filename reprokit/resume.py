@@ -41,7 +41,16 @@ from reprokit.rundir import (
     read_metrics,
 )
 from reprokit.seeding import RngState, restore_rng_state
-from reprokit.train import Callback, ResumeInfo, RunResult, Session, TrainState, build_session, run_loop
+from reprokit.train import (
+    Callback,
+    LedgerEntry,
+    ResumeInfo,
+    RunResult,
+    Session,
+    TrainState,
+    build_session,
+    run_loop,
+)
 
 
 class ResumeError(ReprokitError):
@@ -116,8 +125,9 @@ def resume(
         "skipped": [list(s) for s in skipped], "forced": info.forced, "differences": list(differences),
         "threads": session.seeds.threads,
     })
+    entry = LedgerEntry.open(run_dir, manifest, resumed=True) if "run_id" in manifest else None
     return run_loop(session, state, writer, callbacks=callbacks, progress=progress, faults=faults,
-                    started=started, rows=rows, history=history, resume=info)
+                    started=started, rows=rows, history=history, resume=info, ledger=entry)
 
 
 def pick_checkpoint(run_dir: str | Path) -> tuple[str | None, list[tuple[str, str]]]:

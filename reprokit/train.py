@@ -36,8 +36,9 @@ from reprokit.data import DatasetBundle, EpochBatchSampler, batches_per_epoch, l
 from reprokit.digests import combine_digests, source_digest, state_digests
 from reprokit.errors import ConfigError
 from reprokit.faults import NO_FAULTS, Faults, kill_self
+from reprokit.ledger import Ledger, default_ledger_path
 from reprokit.models import build_model, build_optimizer, build_scheduler
-from reprokit.provenance import build_manifest
+from reprokit.provenance import build_manifest, code_state, save_code_diff
 from reprokit.rundir import RunWriter
 from reprokit.seeding import SeedRecord, capture_rng_state, seed_everything
 
@@ -197,11 +198,41 @@ def train(
     started = time.perf_counter()
     session = build_session(config)
     faults.check(config, session.total_steps)
-    manifest = build_manifest(config, session.seeds, session.data)
-    writer = RunWriter(run_dir, manifest) if run_dir is not None else None
+    writer, entry = None, None
+    if run_dir is not None:
+        code = code_state()  # one look at the checkout: the manifest and code.diff agree
+        manifest = build_manifest(config, session.seeds, session.data, code=code)
+        writer = RunWriter(run_dir, manifest)
+        save_code_diff(writer.path, code)
+        entry = LedgerEntry.open(writer.path, manifest)
     state = TrainState(config, session.model, session.optimizer, session.data, session.total_steps)
     return run_loop(session, state, writer, callbacks=callbacks, progress=progress, faults=faults,
-                    started=started)
+                    started=started, ledger=entry)
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """A run's row in the ledger next to its run directory (see :func:`default_ledger_path`)."""
+
+    ledger: Ledger
+    run_id: str
+
+    @classmethod
+    def open(cls, run_dir: Path, manifest: dict[str, Any], *, resumed: bool = False) -> LedgerEntry | None:
+        """Start the run's row, or mark it resumed. ``None`` when a copy of this run directory
+        already finished under this ledger: the row keeps describing that copy."""
+        ledger = Ledger(default_ledger_path(run_dir.resolve().parent))
+        run_id = str(manifest["run_id"])
+        if not resumed:
+            ledger.start(manifest, run_dir)
+            return cls(ledger, run_id)
+        rows = ledger.frame(id=run_id)
+        if rows.empty:  # started under another ledger (the directory was moved or copied)
+            ledger.start(manifest, run_dir)
+        elif rows["status"].iloc[0] == "finished":
+            return None
+        ledger.mark(run_id, "resumed")
+        return cls(ledger, run_id)
 
 
 def run_loop(
@@ -216,6 +247,7 @@ def run_loop(
     rows: list[dict[str, Any]] | None = None,
     history: list[tuple[int, dict[str, str]]] | None = None,
     resume: ResumeInfo | None = None,
+    ledger: LedgerEntry | None = None,
 ) -> RunResult:
     """Train from ``state`` (step 0, or where a checkpoint left off) to the last step.
 
@@ -299,6 +331,8 @@ def run_loop(
     except BaseException:
         if writer is not None:
             writer.close()  # every row so far is on disk; result.json stays absent
+        if ledger is not None:
+            ledger.ledger.mark(ledger.run_id, "crashed")
         raise
     finally:
         bar.close()
@@ -326,6 +360,8 @@ def run_loop(
         cb.on_train_end(state)
     if writer is not None:
         writer.finish(final_state, result.summary())
+    if ledger is not None:
+        ledger.ledger.finish(ledger.run_id, result.final_digest, result.final_metric)
     return result
 
 

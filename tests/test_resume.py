@@ -189,3 +189,19 @@ def test_checkpoint_seconds_saves_by_wall_clock(tmp_path: Path) -> None:
                    tmp_path / "run", progress=False)
     assert result.checkpoints == (1, 2, 3, 4)
     assert len(list_checkpoints(tmp_path / "run")) == 4
+
+
+def test_ledger_records_the_resumed_run_as_finished(
+    killed: dict[str, Path], reference: RunResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The killed run's ledger says running; after resume the ledger next to it says finished."""
+    from reprokit.ledger import runs
+
+    assert runs(killed["mid-epoch"].parent / "ledger.sqlite", status="running")["id"].size == len(KILLS)
+    run_dir = _fresh(killed, "mid-epoch", tmp_path)
+    resume(run_dir, progress=False)
+    row = runs(tmp_path / "ledger.sqlite").iloc[0]
+    assert (row["status"], row["final_digest"]) == ("finished", reference.final_digest)
+    assert row["id"] == read_json(run_dir, "manifest.json")["run_id"]
+    assert main(["runs", "--ledger", str(tmp_path / "ledger.sqlite"), "--where", "status=finished"]) == 0
+    assert reference.final_digest in capsys.readouterr().out

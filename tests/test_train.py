@@ -147,3 +147,20 @@ def test_metrics_frame_has_one_row_per_step() -> None:
     assert frame["step"].tolist() == [0, 1, 2, 3]
     assert frame["val_metric"].iloc[-1] == result.final_metric
     assert torch.get_num_threads() == 1
+
+
+def test_ledger_row_follows_the_run(tmp_path: Path) -> None:
+    """A finished run is `finished` with its digest; a run that raises is `crashed`."""
+    from reprokit.ledger import runs
+
+    result = train(TINY.replace(steps=3), tmp_path / "ok", progress=False)
+
+    class Boom(Callback):
+        def on_step_end(self, state: TrainState) -> None:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError):
+        train(TINY.replace(steps=3), tmp_path / "bad", callbacks=(Boom(),), progress=False)
+    table = runs(tmp_path / "ledger.sqlite").set_index("run_dir")
+    assert table.loc[str((tmp_path / "ok").resolve()), "final_digest"] == result.final_digest
+    assert table.loc[str((tmp_path / "bad").resolve()), "status"] == "crashed"
