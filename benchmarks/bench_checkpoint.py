@@ -38,12 +38,12 @@ from reprokit.checkpoint import (
     OPTIMIZER_KEY,
     RNG_KEY,
     SCHEDULER_KEY,
-    Checkpointer,
     CheckpointMeta,
     Snapshot,
     list_checkpoints,
     read_checkpoint,
 )
+from reprokit.checkpointer import Checkpointer
 from reprokit.config import TrainConfig
 from reprokit.digests import source_digest
 from reprokit.resume import resume

@@ -15,6 +15,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -223,3 +224,28 @@ def runs(path: str | Path | None = None, **filters: Any) -> pd.DataFrame:
         _check_filters(filters)
         return _typed(pd.DataFrame([], columns=list(COLUMNS)))
     return Ledger(target).frame(**filters)
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """A run's row in the ledger next to its run directory (see :func:`default_ledger_path`)."""
+
+    ledger: Ledger
+    run_id: str
+
+    @classmethod
+    def open(cls, run_dir: Path, manifest: dict[str, Any], *, resumed: bool = False) -> LedgerEntry | None:
+        """Start the run's row, or mark it resumed. ``None`` when a copy of this run directory
+        already finished under this ledger: the row keeps describing that copy."""
+        ledger = Ledger(default_ledger_path(run_dir.resolve().parent))
+        run_id = str(manifest["run_id"])
+        if not resumed:
+            ledger.start(manifest, run_dir)
+            return cls(ledger, run_id)
+        rows = ledger.frame(id=run_id)
+        if rows.empty:  # started under another ledger (the directory was moved or copied)
+            ledger.start(manifest, run_dir)
+        elif rows["status"].iloc[0] == "finished":
+            return None
+        ledger.mark(run_id, "resumed")
+        return cls(ledger, run_id)

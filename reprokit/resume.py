@@ -31,6 +31,7 @@ from reprokit.data import batches_per_epoch
 from reprokit.digests import model_digest, source_digest
 from reprokit.errors import ReprokitError
 from reprokit.faults import NO_FAULTS, Faults
+from reprokit.ledger import LedgerEntry
 from reprokit.rundir import (
     MANIFEST,
     RESULT,
@@ -43,7 +44,6 @@ from reprokit.rundir import (
 from reprokit.seeding import RngState, restore_rng_state
 from reprokit.train import (
     Callback,
-    LedgerEntry,
     ResumeInfo,
     RunResult,
     Session,

@@ -27,16 +27,16 @@ from reprokit.checkpoint import (
     OPTIMIZER_KEY,
     RNG_KEY,
     SCHEDULER_KEY,
-    Checkpointer,
     CheckpointMeta,
     Snapshot,
 )
+from reprokit.checkpointer import Checkpointer
 from reprokit.config import TrainConfig
 from reprokit.data import DatasetBundle, EpochBatchSampler, batches_per_epoch, load_dataset, make_loader
 from reprokit.digests import combine_digests, source_digest, state_digests
 from reprokit.errors import ConfigError
 from reprokit.faults import NO_FAULTS, Faults, kill_self
-from reprokit.ledger import Ledger, default_ledger_path
+from reprokit.ledger import LedgerEntry
 from reprokit.models import build_model, build_optimizer, build_scheduler
 from reprokit.provenance import build_manifest, code_state, save_code_diff
 from reprokit.rundir import RunWriter
@@ -208,31 +208,6 @@ def train(
     state = TrainState(config, session.model, session.optimizer, session.data, session.total_steps)
     return run_loop(session, state, writer, callbacks=callbacks, progress=progress, faults=faults,
                     started=started, ledger=entry)
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    """A run's row in the ledger next to its run directory (see :func:`default_ledger_path`)."""
-
-    ledger: Ledger
-    run_id: str
-
-    @classmethod
-    def open(cls, run_dir: Path, manifest: dict[str, Any], *, resumed: bool = False) -> LedgerEntry | None:
-        """Start the run's row, or mark it resumed. ``None`` when a copy of this run directory
-        already finished under this ledger: the row keeps describing that copy."""
-        ledger = Ledger(default_ledger_path(run_dir.resolve().parent))
-        run_id = str(manifest["run_id"])
-        if not resumed:
-            ledger.start(manifest, run_dir)
-            return cls(ledger, run_id)
-        rows = ledger.frame(id=run_id)
-        if rows.empty:  # started under another ledger (the directory was moved or copied)
-            ledger.start(manifest, run_dir)
-        elif rows["status"].iloc[0] == "finished":
-            return None
-        ledger.mark(run_id, "resumed")
-        return cls(ledger, run_id)
 
 
 def run_loop(

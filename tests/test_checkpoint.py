@@ -11,7 +11,6 @@ import torch
 
 from reprokit import TrainConfig, train
 from reprokit.checkpoint import (
-    Checkpointer,
     CheckpointError,
     CheckpointMeta,
     Snapshot,
@@ -22,6 +21,7 @@ from reprokit.checkpoint import (
     verify_run,
     write_checkpoint,
 )
+from reprokit.checkpointer import Checkpointer
 from reprokit.cli import main
 from reprokit.recovery import damage_checkpoint
 
