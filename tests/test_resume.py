@@ -36,9 +36,10 @@ KILLS = {
     "async save": (ASYNC, KillPoint(17)),
     "from outside": (CONFIG, KillPoint(0, "external")),
 }
-RESUMED_FROM = {"first step": 0, "mid-epoch": 4, "epoch boundary": 8, "after epoch boundary": 12,
-                "last step": 28, "during save": 8, "workers mid-epoch": 4, "workers during save": 16,
-                "async save": 16}
+RESUMED_FROM = {"first step": {0}, "mid-epoch": {4}, "epoch boundary": {8}, "after epoch boundary": {12},
+                "last step": {28}, "during save": {8}, "workers mid-epoch": {4}, "workers during save": {16},
+                # the kill may land before the background thread has committed step 16
+                "async save": {12, 16}}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_resume_after_kill_is_bitwise_identical(
     result = resume(run_dir, progress=False)
     assert result.resume is not None
     if name in RESUMED_FROM:
-        assert result.resume.from_step == RESUMED_FROM[name]
+        assert result.resume.from_step in RESUMED_FROM[name]
     assert result.final_digest == reference.final_digest
     assert result.final_metric == reference.final_metric
     metrics = read_metrics(run_dir)
