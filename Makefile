@@ -35,12 +35,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# two workers for two cores; a test file stays on one worker, so its module fixtures run once
 unit: $(STAMP)
-	REPROKIT_PROGRESS=0 $(BIN)/pytest
+	REPROKIT_PROGRESS=0 $(BIN)/pytest -n 2 --dist loadfile
 
 # nbval executes each notebook as stored: its parameters cell holds the smoke profile.
 nbval: $(STAMP)
-	REPROKIT_PROGRESS=0 $(BIN)/pytest --nbval-lax --nbval-kernel-name $(KERNEL) -p no:cacheprovider notebooks/
+	REPROKIT_PROGRESS=0 $(BIN)/pytest -n 2 --dist loadfile --nbval-lax --nbval-kernel-name $(KERNEL) -p no:cacheprovider notebooks/
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_digest.py

@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from reprokit.audit import audit_determinism, determinism_verdict, divergences, seed_variance
 from reprokit.checkpoint import CheckpointError, read_checkpoint, verify_run
+from reprokit.compare import Comparison, compare_runs
 from reprokit.config import TrainConfig
 from reprokit.data import DatasetBundle, load_dataset, make_loader
 from reprokit.digests import first_divergence, model_digest, state_digests, tensor_digest
@@ -26,11 +27,13 @@ from reprokit.seeding import (
     seed_everything,
     seed_worker,
 )
+from reprokit.trace import Tracer, importance, read_importance, read_trace, traceability_score
 from reprokit.train import Callback, RunResult, train
 
 __all__ = [
     "Callback",
     "CheckpointError",
+    "Comparison",
     "ConfigError",
     "DataError",
     "DatasetBundle",
@@ -41,16 +44,19 @@ __all__ = [
     "RunResult",
     "SeedError",
     "SeedRecord",
+    "Tracer",
     "TrainConfig",
     "__version__",
     "audit_determinism",
     "build_manifest",
     "build_model",
     "capture_rng_state",
+    "compare_runs",
     "determinism_verdict",
     "divergences",
     "fingerprint",
     "first_divergence",
+    "importance",
     "load_dataset",
     "make_generator",
     "make_loader",
@@ -61,6 +67,8 @@ __all__ = [
     "plot_recovery_curves",
     "plot_recovery_ratio",
     "read_checkpoint",
+    "read_importance",
+    "read_trace",
     "restore_rng_state",
     "resume",
     "runs",
@@ -69,6 +77,7 @@ __all__ = [
     "seed_worker",
     "state_digests",
     "tensor_digest",
+    "traceability_score",
     "train",
     "verify_run",
 ]

@@ -86,6 +86,22 @@ def _runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from reprokit.compare import compare_runs
+
+    comparison = compare_runs(args.a, args.b)
+    print(comparison.describe())
+    if args.plot:
+        from reprokit.trace_plots import plot_divergence
+
+        plot_divergence(comparison).savefig(args.plot, dpi=120)
+        print(f"plot: {args.plot}")
+    if args.gap:
+        with pd.option_context("display.width", 200, "display.max_rows", 60):
+            print(comparison.gap.to_string(index=False))
+    return 0 if comparison.identical else 1
+
+
 def _print_result(result: RunResult) -> None:
     print(f"run dir      {result.run_dir}")
     print(f"steps        {result.steps}")
@@ -139,6 +155,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
                    help="keep rows whose column equals the value (repeatable), e.g. --where status=finished")
     p.set_defaults(func=_runs)
+    p = sub.add_parser("compare", help="are two runs identical? if not, where, when and why they split "
+                       "(exit 0 identical, 1 not)")
+    p.add_argument("a", help="a run directory")
+    p.add_argument("b", help="another run directory")
+    p.add_argument("--gap", action="store_true", help="also print the gap table, one row per step")
+    p.add_argument("--plot", metavar="FILE.png", help="save the divergence plot")
+    p.set_defaults(func=_compare)
     p = sub.add_parser("report", help="execute every notebook with papermill and render HTML")
     p.add_argument("--profile", default="smoke", help="a profile in notebooks/profiles.yaml")
     p.add_argument("--out", default="reports", help="where the executed notebooks and HTML go")

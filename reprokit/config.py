@@ -49,6 +49,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes; the batch order does not depend on it
     eval_every: int = 0  # validate every N steps as well as at the end; 0 = only at the end
     digest_every: int = 1  # per-tensor digests every N steps (finds the first divergence); 0 = off
+    trace_every: int = 0  # parameter trajectories (trace.csv, importance.csv) every N steps; 0 = off
     checkpoint_every: int = 0  # full-state checkpoint every N steps; 0 = off
     checkpoint_seconds: float = 0.0  # ... and/or every T seconds of wall time; 0 = off
     keep_last: int = 3  # checkpoints kept; older ones are pruned only after a new one verifies
@@ -66,7 +67,7 @@ class TrainConfig:
         _at_least("epochs", self.epochs, 1)
         _at_least("steps", self.steps, 1)
         _at_least("threads", self.threads, 1)
-        for name in ("num_workers", "eval_every", "digest_every", "checkpoint_every"):
+        for name in ("num_workers", "eval_every", "digest_every", "trace_every", "checkpoint_every"):
             _at_least(name, getattr(self, name), 0)
         _at_least("keep_last", self.keep_last, 1)
         if not self.checkpoint_seconds >= 0:
@@ -126,8 +127,8 @@ class TrainConfig:
 
 
 RECORDING_FIELDS = frozenset(
-    {"num_workers", "eval_every", "digest_every", "checkpoint_every", "checkpoint_seconds",
-     "keep_last", "async_save"}
+    {"num_workers", "eval_every", "digest_every", "trace_every", "checkpoint_every",
+     "checkpoint_seconds", "keep_last", "async_save"}
 )
 
 

@@ -49,6 +49,7 @@ from reprokit.train import (
     Session,
     TrainState,
     build_session,
+    config_callbacks,
     run_loop,
 )
 
@@ -89,6 +90,7 @@ def resume(
     differences = config_differences(original.to_dict(), config.to_dict())
     session = build_session(config)
     faults.check(config, session.total_steps)
+    callbacks = (*callbacks, *config_callbacks(config, run_dir))
     clean_temporaries(run_dir)
     chosen, skipped = _newest_valid(run_dir, original, session)
     if chosen is not None:

@@ -198,6 +198,7 @@ def train(
     started = time.perf_counter()
     session = build_session(config)
     faults.check(config, session.total_steps)
+    callbacks = (*callbacks, *config_callbacks(config, run_dir))
     writer, entry = None, None
     if run_dir is not None:
         code = code_state()  # one look at the checkout: the manifest and code.diff agree
@@ -208,6 +209,16 @@ def train(
     state = TrainState(config, session.model, session.optimizer, session.data, session.total_steps)
     return run_loop(session, state, writer, callbacks=callbacks, progress=progress, faults=faults,
                     started=started, ledger=entry)
+
+
+def config_callbacks(config: TrainConfig, run_dir: str | Path | None) -> tuple[Callback, ...]:
+    """The callbacks the config asks for (``trace_every``: a Tracer writing into the run dir);
+    appended after the caller's, so a resume rebuilds them at the same place."""
+    if not config.trace_every:
+        return ()
+    from reprokit.trace import Tracer  # trace builds on this module
+
+    return (Tracer(run_dir, every=config.trace_every),)
 
 
 def run_loop(

@@ -1,0 +1,344 @@
+"""Parameter trajectories: how every tensor moves, which tensors matter, and a traceability score.
+
+    RUN_DIR/trace.csv       step, tensor, numel, change_rate, update_ratio, grad_norm, saliency,
+                            delta_l1, param_norm, digest: long form, flushed every traced step
+    RUN_DIR/importance.csv  tensor, numel, snip, fisher, uniform: each column sums to 1 (at the end)
+
+The row ``step = t`` describes optimizer step t: Δθ = θ_t − θ_{t−1} and g = the gradient that step
+used, evaluated at θ_{t−1}. That is the essay's |θ_{t+1} − θ_t|₁ / |θ_t|₁ labelled by the step that
+made the change. With ``every=k`` only steps k, 2k, ... are traced, and the parameters are copied
+only right before a traced step, so Δθ is still one step's change. A traced step costs a few passes
+over flat copies of the parameters and gradients and one host transfer, not a handful of small
+ops per tensor (each op's dispatch costs more than the arithmetic of most tensors); the price is
+memory: 11 numbers per parameter while tracing. trace.csv keeps 9 significant digits (the sums are
+float32, good to ~7); :meth:`Tracer.frame` has the full doubles.
+
+Zero denominators: a tensor that is exactly zero (a zero-initialised bias) has |θ|₁ = 0, so its
+change rate and update ratio are 0 when it did not move and ``inf`` when it did (any move away
+from zero is an unbounded relative change). No epsilon is added: it would invent a scale. The score
+maps ``inf`` to a change term of 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import itertools
+import math
+import os
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import pandas as pd
+import torch
+import xxhash
+
+from reprokit.digests import tensor_digest
+from reprokit.errors import ReprokitError
+from reprokit.rundir import atomic_write_bytes
+from reprokit.train import Callback, TrainState
+
+TRACE = "trace.csv"
+IMPORTANCE = "importance.csv"
+TRACE_COLUMNS = ("step", "tensor", "numel", "change_rate", "update_ratio", "grad_norm", "saliency",
+                 "delta_l1", "param_norm", "digest")
+IMPORTANCE_METHODS = ("snip", "fisher", "uniform")
+# the change rate that scores 0.5: CS231n's rule of thumb for a healthy update-to-weight ratio
+CHANGE_SCALE = 1e-3
+MODEL = "(model)"  # the ``tensor`` value of the whole-model rows of a score frame
+_ROW = "%d,%s%.9g,%.9g,%.9g,%.9g,%.9g,%.9g,%s\n"  # step, "tensor,numel,", six floats, digest
+
+
+class TraceError(ReprokitError, ValueError):
+    """A trace is missing, empty, or a score parameter is out of range."""
+
+
+class Tracer(Callback):
+    """Records per-tensor change rate, update ratio, gradient norm, saliency and digest.
+
+    Args:
+        run_dir: write ``trace.csv`` (and ``importance.csv`` at the end) here, usually the run's
+            own directory; ``None`` keeps the rows in memory only (:meth:`frame`).
+        every: trace steps ``every``, ``2*every``, ...; larger values bound the cost.
+    """
+
+    def __init__(self, run_dir: str | Path | None = None, *, every: int = 1) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise TraceError(f"every {every!r} must be an int >= 1; pass 1 to trace every step")
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.every = every
+        self._rows: list[tuple[Any, ...]] = []
+        self._names: list[str] = []
+        self._params: list[torch.Tensor] = []
+        self._sizes: list[int] = []
+        self._flat: list[torch.Tensor] = []
+        # flat buffers θ_{t−1}, θ_t, g and one row per summed quantity: 11 numbers per parameter
+        self._prev = self._cur = self._grad = self._work = torch.empty(0)
+        # |θ_{t−1}|₁ and ‖θ_{t−1}‖₂² per tensor; None: sum them with the traced step's rows
+        self._prev_norms: list[list[float]] | None = None
+        self._cur_norms: list[list[float]] = []  # the same for θ_t, once traced
+        self._traced_step = -1
+        self._headers: list[tuple[bytes, int, int]] | None = None
+        self._resume_bytes: int | None = None
+        self._file: IO[str] | None = None
+        self._close: weakref.finalize[..., Any] | None = None
+        self._prefixes: list[str] = []  # "tensor,numel," of each row, CSV-quoted once
+
+    def on_train_start(self, state: TrainState) -> None:
+        named = list(state.model.named_parameters())
+        if not named:
+            raise TraceError("the model has no parameters to trace; pass a model with parameters")
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        self._sizes = [p.numel() for p in self._params]
+        # flat views share the parameters' storage, which optimizers update in place
+        self._flat = [p.detach().view(-1) for p in self._params if p.is_contiguous()]
+        dtype = functools.reduce(torch.promote_types, (p.dtype for p in self._params))
+        device, n = self._params[0].device, sum(self._sizes)
+        self._prev, self._cur, self._grad = (torch.empty(n, dtype=dtype, device=device) for _ in range(3))
+        self._work = torch.empty(8, n, dtype=dtype, device=device)
+        self._rows, self._traced_step = [], -1
+        self._headers = None
+        if device.type == "cpu" and all(p.dtype == dtype for p in self._params):
+            # the framing tensor_digest hashes before a tensor's bytes, and where they lie in the copy
+            ends = [dtype.itemsize * e for e in itertools.accumulate(self._sizes)]
+            self._headers = [(f"{name}\0{p.dtype}\0{tuple(p.shape)}\0".encode(), end - p.nbytes, end)
+                             for name, p, end in zip(self._names, self._params, ends, strict=True)]
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows(zip(self._names, self._sizes, strict=True))
+        self._prefixes = [line + "," for line in buffer.getvalue().splitlines()]
+        if self.run_dir is not None:
+            self._start_file(self.run_dir / TRACE)
+        self._snapshot_if_due(state.step)
+
+    def on_step_end(self, state: TrainState) -> None:
+        if state.step % self.every == 0:
+            self._trace(state.step)
+        self._snapshot_if_due(state.step)
+
+    def on_train_end(self, state: TrainState) -> None:
+        if self.run_dir is None:
+            return
+        assert self._close is not None
+        self._close()
+        trace = read_trace(self.run_dir)
+        if len(trace):  # the whole run's trace: rows written before a resume count too
+            data = importance(trace).to_csv(index=False).encode()
+            atomic_write_bytes(self.run_dir / IMPORTANCE, data)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The byte length of trace.csv at the checkpoint; a resume cuts the file back to it."""
+        if self._file is None:
+            return None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return {"trace_bytes": self._file.tell()}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        self._resume_bytes = int(state["trace_bytes"]) if state else None
+
+    def frame(self) -> pd.DataFrame:
+        """The rows traced in this process, in the columns of ``read_trace``."""
+        return pd.DataFrame(self._rows, columns=list(TRACE_COLUMNS))
+
+    def _start_file(self, path: Path) -> None:
+        """A new trace.csv, or after a resume the old one cut back to the checkpoint's length."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self._resume_bytes is not None:
+            if not path.is_file() or path.stat().st_size < self._resume_bytes:
+                raise TraceError(f"{str(path)!r} is shorter than the {self._resume_bytes} bytes the "
+                                 "checkpoint recorded; it was changed after the checkpoint was taken")
+            os.truncate(path, self._resume_bytes)  # rows a killed process wrote after the checkpoint
+            self._resume_bytes = None
+        else:
+            path.write_text(",".join(TRACE_COLUMNS) + "\n")
+        self._file = open(path, "a", newline="")  # noqa: SIM115 - closed by on_train_end or finalizer
+        # closed when the tracer is collected, too: a run that raised never reaches on_train_end
+        self._close = weakref.finalize(self, self._file.close)
+
+    def _snapshot_if_due(self, step: int) -> None:  # the flat views are detached: no autograd here
+        if (step + 1) % self.every:
+            return
+        if self._traced_step == step:  # every=1: θ_t and its norms are at hand from _trace
+            self._prev, self._cur = self._cur, self._prev
+            self._prev_norms = self._cur_norms
+        else:
+            torch.cat(self._flat_params(), out=self._prev)
+            self._prev_norms = None
+
+    def _flat_params(self) -> list[torch.Tensor]:
+        if len(self._flat) == len(self._params):
+            return self._flat
+        return [p.detach().reshape(-1) for p in self._params]  # e.g. channels_last: no flat view
+
+    @torch.no_grad()  # gradients require grad after backward(create_graph=True)
+    def _trace(self, step: int) -> None:
+        # a few whole-model passes over flat copies: per-tensor ops would cost a dispatch each
+        prev, cur, grad, w = self._prev, self._cur, self._grad, self._work
+        torch.cat(self._flat_params(), out=cur)
+        # no gradient (a frozen tensor) counts as a zero gradient: zero saliency and Fisher
+        torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self._params],
+                  out=grad)
+        torch.sub(cur, prev, out=w[0])
+        torch.mul(w[0], w[0], out=w[1])
+        w[0].abs_()
+        torch.mul(grad, grad, out=w[2])
+        torch.mul(grad, prev, out=w[3]).abs_()
+        torch.abs(cur, out=w[4])
+        torch.mul(cur, cur, out=w[5])
+        if self._prev_norms is None:
+            torch.abs(prev, out=w[6])
+            torch.mul(prev, prev, out=w[7])
+        sums = self._sums(w if self._prev_norms is None else w[:6])
+        d1, d2, g2, sal, c1, c2 = sums[:6]
+        p1, p2 = sums[6:] if self._prev_norms is None else self._prev_norms
+        self._cur_norms, self._traced_step = [c1, c2], step
+        digests = self._digests()
+        rows = [(step, name, size, _ratio(d1[i], p1[i]), _ratio(math.sqrt(d2[i]), math.sqrt(p2[i])),
+                 math.sqrt(g2[i]), sal[i], d1[i], math.sqrt(c2[i]), digests[i])
+                for i, (name, size) in enumerate(zip(self._names, self._sizes, strict=True))]
+        self._rows.extend(rows)
+        if self._file is not None:  # %.9g: float32 sums carry ~7 digits, and repr is 3x slower
+            self._file.write("".join(_ROW % (step, prefix, *row[3:]) for prefix, row in zip(
+                self._prefixes, rows, strict=True)))
+            self._file.flush()
+
+    def _digests(self) -> list[str]:
+        """``tensor_digest`` of every parameter at θ_t, hashed straight from the flat copy's bytes
+        (a tensor_digest call costs more in torch overhead than in hashing)."""
+        if self._headers is None:  # mixed dtypes or not on the CPU: the flat copy's bytes differ
+            return [tensor_digest(name, p) for name, p in zip(self._names, self._params, strict=True)]
+        data = self._cur.view(torch.uint8).numpy()
+        digests = []
+        for header, start, end in self._headers:
+            h = xxhash.xxh3_128(header)
+            h.update(data[start:end].data)
+            digests.append(h.hexdigest())
+        return digests
+
+    def _sums(self, rows: torch.Tensor) -> list[list[float]]:
+        """Per-tensor sums of each row of flat values: one host transfer."""
+        per_tensor = torch.stack([chunk.sum(dim=1) for chunk in rows.split(self._sizes, dim=1)], dim=1)
+        sums: list[list[float]] = per_tensor.double().tolist()
+        return sums
+
+
+def _ratio(num: float, den: float) -> float:
+    """num / den, with 0/0 = 0 (a zero tensor that stayed zero) and x/0 = inf for x > 0; NaN stays."""
+    if den == 0:
+        return 0.0 if num == 0 else num * math.inf
+    return num / den
+
+
+def read_trace(run_dir: str | Path) -> pd.DataFrame:
+    """trace.csv as a DataFrame, one row per traced step and tensor."""
+    path = Path(run_dir) / TRACE
+    if not path.is_file():
+        raise TraceError(f"{str(path)!r} is missing; train with callbacks=(Tracer(run_dir),) to record it")
+    return pd.read_csv(path, dtype={"tensor": str, "digest": str})
+
+
+def read_importance(run_dir: str | Path) -> pd.DataFrame:
+    """importance.csv, or for a run that has not finished, the importance of the steps traced so far."""
+    path = Path(run_dir) / IMPORTANCE
+    if path.is_file():
+        return pd.read_csv(path, dtype={"tensor": str})
+    return importance(read_trace(run_dir))
+
+
+def importance(trace: pd.DataFrame) -> pd.DataFrame:
+    """Per-tensor importance over the traced steps, each column normalised to sum to 1.
+
+    ``snip``: SNIP's connection sensitivity Σ|g ⊙ θ| (Lee et al. 2019), averaged over traced steps
+    (SNIP proper uses step 1 alone). ``fisher``: the empirical Fisher's diagonal summed over the
+    tensor, Σ g² = grad_norm², averaged over traced steps; g is the mini-batch gradient, not
+    per-sample ones. Both are sums over the tensor's elements, so a tensor's share is its part of
+    the model's total. ``uniform``: the essay's equal importance for every parameter, i.e. a
+    tensor's share of the parameter count; it says nothing about training and is kept only to show
+    that a score built on it is meaningless.
+    """
+    _require(trace, ("tensor", "numel", "grad_norm", "saliency"), "read_trace(run_dir) or Tracer.frame()")
+    if trace.empty:
+        raise TraceError("the trace has no rows, so importance is undefined; trace at least one step "
+                         "(Tracer every <= steps)")
+    by_tensor = trace.assign(fisher=trace["grad_norm"] ** 2).groupby("tensor", sort=False)
+    table = pd.DataFrame({
+        "numel": by_tensor["numel"].first(),
+        "snip": by_tensor["saliency"].mean(),
+        "fisher": by_tensor["fisher"].mean(),
+    })
+    table["uniform"] = table["numel"].astype(float)
+    for column in IMPORTANCE_METHODS:
+        total = table[column].sum()
+        if not total > 0:
+            raise TraceError(f"{column} importance sums to {total} over the model: no traced step had a "
+                             "gradient; trace steps that run backward")
+        table[column] = table[column] / total
+    return table.reset_index()
+
+
+def traceability_score(
+    trace: pd.DataFrame,
+    importance: pd.DataFrame,
+    alpha: float | Sequence[float] = 0.5,
+    *,
+    method: str = "snip",
+    scale: float = CHANGE_SCALE,
+) -> pd.DataFrame:
+    """The essay's score α·change + (1−α)·explainability, per step, per tensor and for the model.
+
+    Change term, per tensor: r / (r + ``scale``) for change rate r, in [0, 1] (``inf`` gives 1).
+    It depends on that step alone, so a step's score never moves when the run gets longer or is
+    resumed (a min-max over the run would), and ``scale`` (1e-3) is the change rate that scores 0.5.
+    For the model: the mean over tensors, as the essay averages change rates.
+
+    Explainability: whether the step moved the tensors that matter. With p_i the tensor's share of
+    the step's total movement |Δθ|₁ and I_i its share of importance (``method`` column), a tensor
+    scores min(p_i, I_i) / max(p_i, I_i) (1 when they agree; 1 if both are 0) and the model
+    Σ min(p_i, I_i) = 1 − total variation distance between the two distributions. Both are in
+    [0, 1]; a step that moved nothing scores 0 for the model.
+
+    Returns:
+        Columns alpha, step, tensor, change, explainability, score; ``tensor == MODEL`` marks the
+        whole-model rows. One block per value of ``alpha``.
+    """
+    alphas = [float(alpha)] if isinstance(alpha, int | float) else [float(a) for a in alpha]
+    for a in alphas:
+        if not 0 <= a <= 1:
+            raise TraceError(f"alpha {a} is outside [0, 1]; pass a weight between 0 (explainability "
+                             "only) and 1 (change only), e.g. alpha=0.5")
+    if method not in IMPORTANCE_METHODS:
+        raise TraceError(f"method {method!r} is not available; choose one of {list(IMPORTANCE_METHODS)}")
+    if not 0 < scale < float("inf"):
+        raise TraceError(f"scale {scale} must be a positive number; pass e.g. scale={CHANGE_SCALE}")
+    _require(trace, ("step", "tensor", "change_rate", "delta_l1"), "read_trace(run_dir) or Tracer.frame()")
+    _require(importance, ("tensor", method), "read_importance(run_dir) or importance(trace)")
+    weights = importance.set_index("tensor")[method]
+    unknown = sorted(set(trace["tensor"]) - set(weights.index))
+    if unknown:
+        raise TraceError(f"tensors {unknown[:3]} have no importance; pass the importance of the same run")
+    t = trace[["step", "tensor"]].copy()
+    rate = trace["change_rate"]
+    t["change"] = (rate / (rate + scale)).where(rate != float("inf"), 1.0)
+    moved = trace.groupby("step")["delta_l1"].transform("sum")
+    share = (trace["delta_l1"] / moved).where(moved > 0, 0.0)
+    imp = trace["tensor"].map(weights)
+    low, high = share.where(share < imp, imp), share.where(share > imp, imp)
+    t["explainability"] = (low / high).where(high > 0, 1.0)
+    model = t.assign(low=low).groupby("step", sort=True).agg(change=("change", "mean"),
+                                                             explainability=("low", "sum"))
+    model = model.reset_index().assign(tensor=MODEL)
+    layers = pd.concat([t, model], ignore_index=True)
+    frames = [layers.assign(alpha=a, score=a * layers["change"] + (1 - a) * layers["explainability"])
+              for a in alphas]
+    columns = ["alpha", "step", "tensor", "change", "explainability", "score"]
+    return pd.concat(frames, ignore_index=True)[columns]
+
+
+def _require(frame: pd.DataFrame, columns: tuple[str, ...], source: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise TraceError(f"the frame lacks column(s) {missing}; pass {source}")
