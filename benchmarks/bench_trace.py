@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+from reprokit.callbacks import Callback, TrainState
 from reprokit.config import TrainConfig
 from reprokit.trace import Tracer
-from reprokit.train import Callback, TrainState, train
+from reprokit.train import train
 
 TARGETS = {1: 1.10, 10: 1.02}  # trace interval -> largest acceptable loop-time ratio
 THREADS = 1

@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from reprokit.audit import audit_determinism, determinism_verdict, divergences, seed_variance
+from reprokit.callbacks import Callback
 from reprokit.checkpoint import CheckpointError, read_checkpoint, verify_run
 from reprokit.compare import Comparison, compare_runs
 from reprokit.config import TrainConfig
@@ -28,7 +29,7 @@ from reprokit.seeding import (
     seed_worker,
 )
 from reprokit.trace import Tracer, importance, read_importance, read_trace, traceability_score
-from reprokit.train import Callback, RunResult, train
+from reprokit.train import RunResult, train
 
 __all__ = [
     "Callback",

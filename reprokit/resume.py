@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from reprokit.callbacks import Callback, TrainState, callback_keys, config_callbacks
 from reprokit.checkpoint import (
     CALLBACKS_KEY,
     MODEL_KEY,
@@ -42,16 +43,7 @@ from reprokit.rundir import (
     read_metrics,
 )
 from reprokit.seeding import RngState, restore_rng_state
-from reprokit.train import (
-    Callback,
-    ResumeInfo,
-    RunResult,
-    Session,
-    TrainState,
-    build_session,
-    config_callbacks,
-    run_loop,
-)
+from reprokit.train import ResumeInfo, RunResult, Session, build_session, run_loop
 
 
 class ResumeError(ReprokitError):
@@ -166,8 +158,8 @@ def _restore(
     if session.scheduler is not None:
         session.scheduler.load_state_dict(saved[SCHEDULER_KEY])
     restore_rng_state(RngState.from_dict(saved[RNG_KEY]), session.generators())
-    for i, cb in enumerate(callbacks):
-        cb.load_state_dict(saved.get(CALLBACKS_KEY, {}).get(f"{i}:{type(cb).__name__}"))
+    for key, cb in zip(callback_keys(callbacks), callbacks, strict=True):
+        cb.load_state_dict(saved.get(CALLBACKS_KEY, {}).get(key))
     state.step, state.epoch, state.batch = meta.step, meta.epoch, meta.batch
     if state.batch >= batches_per_epoch(len(session.data.x_train), session.config.batch_size):
         state.epoch, state.batch = state.epoch + 1, 0  # saved at an epoch's last batch

@@ -36,10 +36,10 @@ import pandas as pd
 import torch
 import xxhash
 
+from reprokit.callbacks import Callback, TrainState
 from reprokit.digests import tensor_digest
 from reprokit.errors import ReprokitError
 from reprokit.rundir import atomic_write_bytes
-from reprokit.train import Callback, TrainState
 
 TRACE = "trace.csv"
 IMPORTANCE = "importance.csv"

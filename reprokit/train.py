@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from reprokit.callbacks import Callback, TrainState, callback_keys, config_callbacks
 from reprokit.checkpoint import (
     CALLBACKS_KEY,
     MODEL_KEY,
@@ -43,41 +44,6 @@ from reprokit.rundir import RunWriter
 from reprokit.seeding import SeedRecord, capture_rng_state, seed_everything
 
 EVAL_BATCH = 512  # validation batch size: evaluation has no gradient, so a large batch is cheap
-
-
-@dataclass
-class TrainState:
-    """What callbacks see after each optimizer step."""
-
-    config: TrainConfig
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    data: DatasetBundle
-    total_steps: int
-    step: int = 0  # optimizer steps taken
-    epoch: int = 0
-    batch: int = 0  # batches of this epoch consumed
-    loss: float = float("nan")
-
-
-class Callback:
-    """Hooks into the training loop; override what you need."""
-
-    def on_train_start(self, state: TrainState) -> None:
-        """Before the first step, with the freshly initialised model."""
-
-    def on_step_end(self, state: TrainState) -> None:
-        """After each optimizer step."""
-
-    def on_train_end(self, state: TrainState) -> None:
-        """After the last step and the final evaluation."""
-
-    def state_dict(self) -> dict[str, Any] | None:
-        """What a checkpoint must keep for this callback to resume exactly (tensors, plain values)."""
-        return None
-
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Put back what :meth:`state_dict` returned."""
 
 
 @dataclass(frozen=True)
@@ -211,16 +177,6 @@ def train(
                     started=started, ledger=entry)
 
 
-def config_callbacks(config: TrainConfig, run_dir: str | Path | None) -> tuple[Callback, ...]:
-    """The callbacks the config asks for (``trace_every``: a Tracer writing into the run dir);
-    appended after the caller's, so a resume rebuilds them at the same place."""
-    if not config.trace_every:
-        return ()
-    from reprokit.trace import Tracer  # trace builds on this module
-
-    return (Tracer(run_dir, every=config.trace_every),)
-
-
 def run_loop(
     session: Session,
     state: TrainState,
@@ -247,6 +203,7 @@ def run_loop(
     history = [] if history is None else history
     checkpointer = _checkpointer(config, writer, faults)
     manifest_digest = writer.manifest_digest() if writer is not None else ""
+    keys = callback_keys(callbacks)
 
     def record(row: dict[str, Any]) -> None:
         every = config.digest_every
@@ -265,7 +222,7 @@ def run_loop(
             OPTIMIZER_KEY: optimizer.state_dict(),
             SCHEDULER_KEY: scheduler.state_dict() if scheduler is not None else None,
             RNG_KEY: capture_rng_state(session.generators()).to_dict(),
-            CALLBACKS_KEY: {f"{i}:{type(cb).__name__}": cb.state_dict() for i, cb in enumerate(callbacks)},
+            CALLBACKS_KEY: dict(zip(keys, [cb.state_dict() for cb in callbacks], strict=True)),
         }
         meta = CheckpointMeta(
             step=state.step, epoch=state.epoch, batch=state.batch, config=config.to_dict(),

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from reprokit import TrainConfig, train
+from reprokit.callbacks import Callback, TrainState
 from reprokit.compare import GAP_COLUMNS, compare_runs
 from reprokit.rundir import RunDirError
 from reprokit.trace import Tracer
 from reprokit.trace_plots import plot_divergence
-from reprokit.train import Callback, TrainState
 
 TINY = TrainConfig(model="cnn", dataset="digits", steps=12, batch_size=32, threads=1)
 PLANT_STEP, PLANT_TENSOR, PLANT_AMOUNT = 7, "2.weight", 1e-3

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from reprokit import TrainConfig, train
+from reprokit.callbacks import Callback, TrainState
 from reprokit.data import load_dataset
 from reprokit.digests import tensor_digest
 from reprokit.resume import resume
@@ -28,7 +29,6 @@ from reprokit.trace import (
     traceability_score,
 )
 from reprokit.trace_plots import plot_change_heatmap, plot_importance, plot_traceability, plot_update_ratios
-from reprokit.train import Callback, TrainState
 
 TINY = TrainConfig(model="cnn", dataset="digits", steps=12, batch_size=32, threads=1)
 
@@ -229,6 +229,28 @@ def test_resumed_run_has_the_uninterrupted_trace(tmp_path: Path) -> None:
     assert read_trace(run_dir)["step"].max() == 8
     resume(run_dir, callbacks=(Tracer(run_dir),), progress=False)
     pd.testing.assert_frame_equal(read_trace(run_dir), read_trace(whole))
+
+
+def test_config_trace_every_traces_and_survives_a_crash_and_resume(tmp_path: Path) -> None:
+    """``trace_every`` in the config adds a Tracer by itself; a run that crashes (with another
+    callback before it) and is resumed from its config alone has the uninterrupted run's trace."""
+
+    class Boom(Callback):
+        def on_step_end(self, state: TrainState) -> None:
+            if state.step == 8:
+                raise RuntimeError("simulated crash")
+
+    config = TINY.replace(trace_every=3, checkpoint_every=5)
+    whole = tmp_path / "whole"
+    train(config, whole, progress=False)
+    assert sorted(set(read_trace(whole)["step"])) == [3, 6, 9, 12]
+    assert (whole / IMPORTANCE).is_file()
+    run_dir = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config, run_dir, callbacks=(Boom(),), progress=False)
+    resume(run_dir, changes={"digest_every": 1}, progress=False)
+    pd.testing.assert_frame_equal(read_trace(run_dir), read_trace(whole))
+    pd.testing.assert_frame_equal(read_importance(run_dir), read_importance(whole))
 
 
 def test_trace_figures_are_built(tmp_path: Path) -> None:

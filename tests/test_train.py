@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from reprokit import TrainConfig, model_digest, train
+from reprokit.callbacks import Callback, TrainState
 from reprokit.errors import ReprokitError
 from reprokit.rundir import read_digests, read_json, read_metrics, read_model
-from reprokit.train import Callback, TrainState
 
 TINY = TrainConfig(model="cnn", steps=12, batch_size=32, threads=1)
 

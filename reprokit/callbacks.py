@@ -1,0 +1,75 @@
+"""Callbacks: hooks into the training loop, and the state they see.
+
+``train`` and ``resume`` call them in order; a callback that keeps state across a kill returns it
+from ``state_dict`` and the checkpoint stores it under ``Name:n`` (the n-th callback of class
+Name), so callbacks of other classes may come or go between the run and its resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from reprokit.config import TrainConfig
+from reprokit.data import DatasetBundle
+
+
+@dataclass
+class TrainState:
+    """What callbacks see after each optimizer step."""
+
+    config: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    data: DatasetBundle
+    total_steps: int
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batch: int = 0  # batches of this epoch consumed
+    loss: float = float("nan")
+
+
+class Callback:
+    """Hooks into the training loop; override what you need."""
+
+    def on_train_start(self, state: TrainState) -> None:
+        """Before the first step, with the freshly initialised model."""
+
+    def on_step_end(self, state: TrainState) -> None:
+        """After each optimizer step."""
+
+    def on_train_end(self, state: TrainState) -> None:
+        """After the last step and the final evaluation."""
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What a checkpoint must keep for this callback to resume exactly (tensors, plain values)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Put back what :meth:`state_dict` returned."""
+
+
+def callback_keys(callbacks: tuple[Callback, ...]) -> list[str]:
+    """``Name:n`` for the n-th callback of class Name: a callback's state finds it on resume
+    even when callbacks of other classes come or go."""
+    seen: dict[str, int] = {}
+    keys = []
+    for cb in callbacks:
+        name = type(cb).__name__
+        seen[name] = seen.get(name, -1) + 1
+        keys.append(f"{name}:{seen[name]}")
+    return keys
+
+
+def config_callbacks(config: TrainConfig, run_dir: str | Path | None) -> tuple[Callback, ...]:
+    """The callbacks the config asks for (``trace_every``: a Tracer writing into the run dir);
+    appended after the caller's, so a resume rebuilds them at the same place."""
+    if not config.trace_every:
+        return ()
+    from reprokit.trace import Tracer  # trace builds on this module
+
+    return (Tracer(run_dir, every=config.trace_every),)
