@@ -335,3 +335,22 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     for key, item in items:
         flat.update(_flatten(item, f"{prefix}.{key}" if prefix else key))
     return flat
+
+
+def manifest_table(manifest: Mapping[str, Any]) -> pd.DataFrame:
+    """A manifest to read rather than parse: rows ``section``, ``field``, ``value``, one per leaf,
+    with the package list summarised by its count and digest (``manifest_differences`` lists
+    packages one by one when two manifests disagree)."""
+    rows = []
+    for key, value in _flatten(manifest).items():
+        section, _, name = key.partition(".")
+        if key.startswith("environment.packages."):
+            continue
+        rows.append((section, name or section, value))
+    packages = (manifest.get("environment") or {}).get("packages")
+    if isinstance(packages, list):
+        rows.append(("environment", "packages", f"{len(packages)} installed (digest below)"))
+    order = {s: i for i, s in enumerate(("run_id", "fingerprint", "created", "config", "seeding", "data",
+                                         "code", "environment", "lineage"))}
+    rows.sort(key=lambda r: (order.get(r[0], len(order)), r[1]))
+    return pd.DataFrame(rows, columns=["section", "field", "value"], dtype=object)

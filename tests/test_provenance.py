@@ -24,6 +24,7 @@ from reprokit.provenance import (
     code_state,
     fingerprint,
     manifest_differences,
+    manifest_table,
     save_code_diff,
 )
 from reprokit.seeding import seed_everything
@@ -207,3 +208,16 @@ def test_manifest_differences_list_thread_count_and_packages(outside_git: Path) 
     assert rows.loc["environment.packages.numpy"].tolist() == [np.__version__, "0.0"]
     assert rows.loc["environment.packages.pandas", "b"] is None
     assert manifest_differences(a, _manifest(repo_dir=outside_git)).empty
+
+
+def test_manifest_table_has_one_row_per_leaf_and_summarises_packages() -> None:
+    """Every manifest leaf but the package list is one readable row; packages become one count."""
+    manifest = {"run_id": "r1", "config": {"seed": 3, "model": "cnn"}, "lineage": {"parent": None},
+                "environment": {"threads": 1, "packages": ["numpy==2.0", "torch==2.14.1"]}}
+    table = manifest_table(manifest)
+    rows = {(r.section, r.field): r.value for r in table.itertuples()}
+    assert rows[("config", "seed")] == 3
+    assert rows[("lineage", "parent")] is None
+    assert rows[("environment", "packages")] == "2 installed (digest below)"
+    assert not table["field"].str.startswith("packages.").any()
+    assert table["section"].tolist()[0] == "run_id"
