@@ -10,6 +10,7 @@ from reprokit.config import TrainConfig
 from reprokit.data import DatasetBundle, load_dataset, make_loader
 from reprokit.digests import first_divergence, model_digest, state_digests, tensor_digest
 from reprokit.errors import ConfigError, DataError, ModelError, ReprokitError, SeedError
+from reprokit.finetune import LineageError, finetune, lineage, pretrain
 from reprokit.ledger import Ledger, runs
 from reprokit.models import build_model
 from reprokit.plots import (
@@ -39,6 +40,7 @@ __all__ = [
     "DataError",
     "DatasetBundle",
     "Ledger",
+    "LineageError",
     "ModelError",
     "ReprokitError",
     "ResumeError",
@@ -55,9 +57,11 @@ __all__ = [
     "compare_runs",
     "determinism_verdict",
     "divergences",
+    "finetune",
     "fingerprint",
     "first_divergence",
     "importance",
+    "lineage",
     "load_dataset",
     "make_generator",
     "make_loader",
@@ -67,6 +71,7 @@ __all__ = [
     "plot_metric_distribution",
     "plot_recovery_curves",
     "plot_recovery_ratio",
+    "pretrain",
     "read_checkpoint",
     "read_importance",
     "read_trace",

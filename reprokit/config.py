@@ -19,7 +19,7 @@ import yaml
 
 from reprokit.data import DATASETS
 from reprokit.errors import ConfigError
-from reprokit.models import LR_SCHEDULES, MODELS, OPTIMIZERS
+from reprokit.models import LR_SCHEDULES, MODELS, OPTIMIZERS, STRATEGIES
 from reprokit.seeding import SEED_MAX
 
 
@@ -54,6 +54,12 @@ class TrainConfig:
     checkpoint_seconds: float = 0.0  # ... and/or every T seconds of wall time; 0 = off
     keep_last: int = 3  # checkpoints kept; older ones are pruned only after a new one verifies
     async_save: bool = False  # write checkpoints in a background thread; the step waits only for a copy
+    # fine-tuning (reprokit.finetune): start from a parent model instead of a random initialisation
+    train_limit: int | None = None  # keep only this many training samples: a low-data task; None = all
+    init_from: str | None = None  # parent: a finished run directory, or a .safetensors/.pt(h) state_dict
+    finetune: str = "full"  # with init_from: "full", "feature_extraction" (head only) or "two_stage"
+    unfreeze_at: int | None = None  # two_stage only: head alone for this many steps, then all; None = half
+    backbone_lr_factor: float = 0.1  # two_stage only: the unfrozen backbone learns at lr x this (head at lr)
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -67,6 +73,8 @@ class TrainConfig:
         _at_least("epochs", self.epochs, 1)
         _at_least("steps", self.steps, 1)
         _at_least("threads", self.threads, 1)
+        _at_least("train_limit", self.train_limit, 1)
+        self._check_finetune()
         for name in ("num_workers", "eval_every", "digest_every", "trace_every", "checkpoint_every"):
             _at_least(name, getattr(self, name), 0)
         _at_least("keep_last", self.keep_last, 1)
@@ -88,6 +96,24 @@ class TrainConfig:
             value = getattr(self, name)
             if not value >= 0:
                 raise ConfigError(f"{name} {value} must be a number >= 0; pass e.g. {name}=0.0")
+
+    def _check_finetune(self) -> None:
+        _choice("finetune", self.finetune, STRATEGIES)
+        if self.init_from is not None and not self.init_from.strip():
+            raise ConfigError("init_from '' names no parent; pass a run directory or weights file, or None")
+        if self.finetune != "full" and self.init_from is None:
+            raise ConfigError(
+                f"finetune {self.finetune!r} freezes a pretrained backbone but init_from is None; pass "
+                "init_from=PARENT (a run directory or weights file), or finetune='full' to train from scratch"
+            )
+        _at_least("unfreeze_at", self.unfreeze_at, 1)
+        at, steps = self.unfreeze_at, self.steps  # with epochs, finetune checks it against the run's steps
+        if self.finetune == "two_stage" and at is not None and steps is not None and at >= steps:
+            raise ConfigError(
+                f"unfreeze_at {at} is not before the last step {steps}; pass a value in [1, {steps - 1}]"
+            )
+        if not self.backbone_lr_factor > 0:
+            raise ConfigError(f"backbone_lr_factor {self.backbone_lr_factor} must be > 0; pass e.g. 0.1")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

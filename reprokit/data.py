@@ -21,7 +21,9 @@ from reprokit.digests import tensor_digest
 from reprokit.errors import DataError
 from reprokit.seeding import derive_seed, make_generator, seed_worker
 
-DATASETS = ("digits", "regression")
+DATASETS = ("digits", "digits_0_4", "digits_5_9", "regression")
+# transfer pair: pretrain on digits 0-4, fine-tune on 5-9 (relabelled 0-4); same pixels, new classes
+DIGIT_SUBSETS = {"digits_0_4": range(0, 5), "digits_5_9": range(5, 10)}
 # the essay's MLP example: 1,000 samples of 10 features; unlike the essay's y = randn (nothing
 # to learn), the target here is a noisy linear function, so a model's fit means something
 REGRESSION_SIZE = 1000
@@ -47,19 +49,30 @@ class DatasetBundle:
         return tuple(self.x_train.shape[1:])
 
 
-def load_dataset(name: str, *, split_seed: int = 0, val_fraction: float = 0.2) -> DatasetBundle:
+def load_dataset(
+    name: str, *, split_seed: int = 0, val_fraction: float = 0.2, train_limit: int | None = None
+) -> DatasetBundle:
     """Load a bundled dataset and split it with a generator seeded by ``split_seed``.
 
     Args:
         name: ``"digits"`` (scikit-learn's 1,797 real 8x8 handwritten digits, as 1x8x8 images
-            scaled to [0, 1]) or ``"regression"`` (synthetic, 1,000 x 10 features).
+            scaled to [0, 1]), ``"digits_0_4"`` / ``"digits_5_9"`` (only those digits, labelled
+            0-4: the upstream and downstream halves of a transfer experiment) or ``"regression"``
+            (synthetic, 1,000 x 10 features).
         split_seed: seeds the train/validation permutation (and the synthetic data).
         val_fraction: share of samples held out for validation, in (0, 1).
+        train_limit: keep only the first ``train_limit`` training samples of the (shuffled) split,
+            for a low-data task; the validation set stays whole. ``None`` keeps them all.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction {val_fraction} is outside (0, 1); pass e.g. 0.2")
     if name == "digits":
         x, y, task, outputs = *_digits(), "classification", 10
+    elif name in DIGIT_SUBSETS:
+        digits = DIGIT_SUBSETS[name]
+        x, y = _digits()
+        keep = (y >= digits.start) & (y < digits.stop)
+        x, y, task, outputs = x[keep], y[keep] - digits.start, "classification", len(digits)
     elif name == "regression":
         x, y = _regression(split_seed)
         task, outputs = "regression", 1
@@ -68,6 +81,13 @@ def load_dataset(name: str, *, split_seed: int = 0, val_fraction: float = 0.2) -
     order = torch.randperm(len(x), generator=make_generator(split_seed))
     n_val = max(1, round(len(x) * val_fraction))
     val, tr = order[:n_val], order[n_val:]
+    if train_limit is not None:
+        if not 1 <= train_limit <= len(tr):
+            raise DataError(
+                f"train_limit {train_limit} is outside [1, {len(tr)}], the training samples of "
+                f"{name!r}; pass at most {len(tr)}, or None for all of them"
+            )
+        tr = tr[:train_limit]
     parts = {"x_train": x[tr], "y_train": y[tr], "x_val": x[val], "y_val": y[val]}
     h = xxhash.xxh3_128(f"{name}\0{split_seed}\0{val_fraction}\0".encode())
     for key, t in parts.items():

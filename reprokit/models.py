@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,18 +83,30 @@ def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int
     return c, h, w
 
 
+def head_name(model: nn.Module) -> str:
+    """The name of the model's classification head: its last ``nn.Linear`` (``"3"`` for mlp,
+    ``"8"`` for cnn, ``"fc"`` for resnet18). A fine-tune replaces it with a fresh one."""
+    names: list[str] = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise ModelError(f"{type(model).__name__} has no nn.Linear layer to serve as the head")
+    return names[-1]
+
+
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
     """Number of parameter elements (only those with ``requires_grad`` if ``trainable_only``)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+# how a fine-tune trains a pretrained backbone under a fresh head (reprokit.finetune)
+STRATEGIES = ("full", "feature_extraction", "two_stage")
+ParamGroups = list[torch.nn.Parameter] | list[dict[str, Any]]
 
 
 def build_optimizer(
-    name: str, params: list[torch.nn.Parameter], *, lr: float, momentum: float, weight_decay: float
+    name: str, params: ParamGroups, *, lr: float, momentum: float, weight_decay: float
 ) -> torch.optim.Optimizer:
-    """``sgd`` (with momentum), ``adam`` or ``adamw``."""
+    """``sgd`` (with momentum), ``adam`` or ``adamw``; ``params`` may be torch param groups."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":
@@ -101,7 +114,6 @@ def build_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     raise ModelError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)}")
-
 
 
 LR_SCHEDULES = ("constant", "cosine")

@@ -32,6 +32,7 @@ from reprokit.data import batches_per_epoch
 from reprokit.digests import model_digest, source_digest
 from reprokit.errors import ReprokitError
 from reprokit.faults import NO_FAULTS, Faults
+from reprokit.finetune import verify_parent
 from reprokit.ledger import LedgerEntry
 from reprokit.rundir import (
     MANIFEST,
@@ -80,7 +81,8 @@ def resume(
     original = TrainConfig.from_dict(manifest["config"])
     config = original.replace(**changes) if changes else original
     differences = config_differences(original.to_dict(), config.to_dict())
-    session = build_session(config)
+    session = build_session(config)  # a fine-tune's parent is loaded and verified here ...
+    verify_parent(manifest, session)  # ... and must still be the one the run started from
     faults.check(config, session.total_steps)
     callbacks = (*callbacks, *config_callbacks(config, run_dir))
     clean_temporaries(run_dir)

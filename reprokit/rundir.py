@@ -5,6 +5,8 @@
     RUN_DIR/digests.csv     step, tensor, digest (long form: pandas reads it directly)
     RUN_DIR/checkpoints/    full-state checkpoints (reprokit.checkpoint)
     RUN_DIR/model.pt        final parameters and buffers (a plain state_dict)
+    RUN_DIR/model.safetensors  the same tensors as safetensors, its header holding the final digest
+                            and run id: the pretrained artifact a fine-tune starts from
     RUN_DIR/result.json     written last; its presence means the run finished
 
 Every whole-file write goes to a temporary file in the same directory, is fsynced and then renamed
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 import pandas as pd
+import safetensors.torch
 import torch
 import xxhash
 
@@ -31,6 +34,8 @@ MANIFEST = "manifest.json"
 METRICS = "metrics.csv"
 DIGESTS = "digests.csv"
 MODEL = "model.pt"
+WEIGHTS = "model.safetensors"
+WEIGHTS_ORDER = "names"  # safetensors header entry: the state_dict order (the file's own is sorted)
 RESULT = "result.json"
 RESUMES = "resumes"  # manifest key: one entry per resume, appended
 DIGEST_COLUMNS = ("step", "tensor", "digest")
@@ -100,6 +105,7 @@ class RunWriter:
             self.path.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.path / MANIFEST, manifest)
         self._manifest_digest = manifest_digest(manifest)
+        self._run_id = str(manifest.get("run_id", ""))
         self._metrics_file, self._metrics = _csv(self.path / METRICS, METRIC_COLUMNS, truncate_to)
         self._digests_file, self._digests = _csv(self.path / DIGESTS, DIGEST_COLUMNS, truncate_to)
 
@@ -130,6 +136,9 @@ class RunWriter:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, self.path / MODEL)
+        header = {"final_digest": str(result["final_digest"]), "run_id": self._run_id,
+                  WEIGHTS_ORDER: json.dumps(list(state))}  # the digest's order: verifiable on its own
+        atomic_write_bytes(self.path / WEIGHTS, safetensors.torch.save(dict(state), metadata=header))
         atomic_write_json(self.path / RESULT, result)
 
     def close(self) -> None:

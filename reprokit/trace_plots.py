@@ -7,6 +7,7 @@ only where it is returned.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -15,7 +16,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from reprokit.compare import Comparison
-from reprokit.trace import CHANGE_SCALE, IMPORTANCE_METHODS, MODEL
+from reprokit.trace import CHANGE_SCALE, IMPORTANCE_METHODS, MODEL, traceability_score
 
 UPDATE_RATIO_RULE = 1e-3  # CS231n: updates ~1e-3 of the weights' scale are healthy
 
@@ -127,3 +128,35 @@ def _divergence_title(comparison: Comparison) -> str:
         return "Runs differ; no shared digest step pins down where"
     size = "" if math.isnan(comparison.max_abs_diff) else f", max |Δθ| {comparison.max_abs_diff:.2g}"
     return f"Runs split at step {comparison.first_step} in {len(comparison.tensors)} tensor(s){size}"
+
+
+def trace_explorer(trace: pd.DataFrame, importance: pd.DataFrame, *, method: str = "snip") -> Any:
+    """An ipywidgets explorer for JupyterLab: pick a tensor (or the whole model), α and a step
+    range; shows that tensor's change, explainability and score. Tag its cell ``nbval-skip``."""
+    import ipywidgets as widgets  # type: ignore[import-untyped]  # no stubs; only needed here
+    from IPython.display import display
+
+    first, last = int(trace["step"].min()), int(trace["step"].max())
+    pick = widgets.Dropdown(options=[MODEL, *dict.fromkeys(trace["tensor"])], description="tensor")
+    alpha = widgets.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="α")
+    span = widgets.IntRangeSlider(value=(first, last), min=first, max=last, description="steps")
+    out = widgets.Output()
+
+    def redraw(_: object = None) -> None:
+        score = traceability_score(trace, importance, alpha.value, method=method)
+        rows = score[(score["tensor"] == pick.value) & score["step"].between(*span.value)]
+        fig, ax = plt.subplots(figsize=(8.0, 3.5), layout="constrained")
+        plt.close(fig)
+        for column in ("change", "explainability", "score"):
+            ax.plot(rows["step"], rows[column], label=column)
+        ax.set(xlabel="optimizer step", ylim=(0, 1), title=f"{pick.value}: α = {alpha.value:g}, {method}")
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+        out.clear_output(wait=True)
+        with out:
+            display(fig)
+
+    for widget in (pick, alpha, span):
+        widget.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([widgets.HBox([pick, alpha, span]), out])

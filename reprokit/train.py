@@ -115,6 +115,7 @@ class Session:
     loader: DataLoader[tuple[torch.Tensor, torch.Tensor]]
     sampler: EpochBatchSampler
     total_steps: int
+    parent: dict[str, Any] | None = None  # the manifest's lineage entry of a fine-tune (reprokit.finetune)
 
     def generators(self) -> dict[str, torch.Generator]:
         """The torch.Generators in use besides the global one."""
@@ -124,24 +125,27 @@ class Session:
 
 def build_session(config: TrainConfig) -> Session:
     """Seed, load the data and build model, optimizer, scheduler and loader, in a fixed order
-    (the model's initial weights come from the global RNG right after seeding)."""
+    (the model's initial weights come from the global RNG right after seeding; a fine-tune then
+    loads its parent over all but the head)."""
+    from reprokit.finetune import prepare  # finetune builds on this module
+
     seeds = seed_everything(config.seed, deterministic=config.deterministic, threads=config.threads)
-    data = load_dataset(config.dataset, split_seed=config.split_seed, val_fraction=config.val_fraction)
+    data = load_dataset(config.dataset, split_seed=config.split_seed, val_fraction=config.val_fraction,
+                        train_limit=config.train_limit)
+    per_epoch = batches_per_epoch(len(data.x_train), config.batch_size)
+    total = config.steps if config.steps is not None else config.epochs * per_epoch
     model = build_model(config.model, data.input_shape, data.num_outputs)
-    optimizer = build_optimizer(
-        config.optimizer, list(model.parameters()),
-        lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-    )
+    params, parent = prepare(config, model, total)
+    optimizer = build_optimizer(config.optimizer, params, lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
     loader = make_loader(
         data.x_train, data.y_train,
         batch_size=config.batch_size, seed=config.seed, num_workers=config.num_workers,
     )
     sampler = loader.sampler
     assert isinstance(sampler, EpochBatchSampler)
-    per_epoch = batches_per_epoch(len(data.x_train), config.batch_size)
-    total = config.steps if config.steps is not None else config.epochs * per_epoch
     scheduler = build_scheduler(config.lr_schedule, optimizer, total)
-    return Session(config, seeds, data, model, optimizer, scheduler, loader, sampler, total)
+    return Session(config, seeds, data, model, optimizer, scheduler, loader, sampler, total, parent)
 
 
 def train(
@@ -168,7 +172,7 @@ def train(
     writer, entry = None, None
     if run_dir is not None:
         code = code_state()  # one look at the checkout: the manifest and code.diff agree
-        manifest = build_manifest(config, session.seeds, session.data, code=code)
+        manifest = build_manifest(config, session.seeds, session.data, code=code, parent=session.parent)
         writer = RunWriter(run_dir, manifest)
         save_code_diff(writer.path, code)
         entry = LedgerEntry.open(writer.path, manifest)

@@ -115,9 +115,10 @@ def test_regression_deterministic_in_split_seed():
 
 def test_unknown_dataset_lists_choices():
     """An unknown dataset name raises DataError naming it and listing the choices."""
-    with pytest.raises(DataError, match=r"unknown dataset 'mnist'.*'digits', 'regression'"):
+    with pytest.raises(DataError, match=r"unknown dataset 'mnist'.*'digits', 'digits_0_4', 'digits_5_9', "
+                                        r"'regression'"):
         load_dataset("mnist")
-    assert set(DATASETS) == {"digits", "regression"}
+    assert set(DATASETS) == {"digits", "digits_0_4", "digits_5_9", "regression"}
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
