@@ -6,7 +6,8 @@
 
 A parent is a finished run directory (its ``result.json`` records the digest its weights must hash
 to) or a weights file: ``.safetensors`` (reprokit's carry the digest and run id in their header) or
-a torchvision-style ``.pt``/``.pth`` state_dict, read with ``torch.load(weights_only=True)``.
+a torchvision-style ``.pt``/``.pth`` state_dict, read with ``torch.load(weights_only=True)`` (torchvision's
+own ImageNet resnet18 file included: its 3x7x7 stem is adapted, see ``adapt_torchvision_stem``).
 Nothing is ever downloaded. Every tensor but the head's is copied into the freshly seeded model;
 the head (the last ``nn.Linear``) keeps its seeded initialisation, sized for the new classes.
 
@@ -143,6 +144,8 @@ def load_backbone(model: nn.Module, parent: Parent, name: str) -> None:
     head = head_name(model) + "."
     own = {n: t for n, t in model.state_dict().items() if not n.startswith(head)}
     given = {n: t for n, t in parent.state.items() if not n.startswith(head)}
+    if name == "resnet18":
+        given = adapt_torchvision_stem(given, own)
     missing = [n for n in own if n not in given]
     unexpected = [n for n in given if n not in own]
     other = [f"{n} (parent {t.dtype} {list(t.shape)}, model {own[n].dtype} {list(own[n].shape)})"
@@ -158,6 +161,26 @@ def load_backbone(model: nn.Module, parent: Parent, name: str) -> None:
     with torch.no_grad():
         for name, tensor in given.items():
             own[name].copy_(tensor)
+
+
+def adapt_torchvision_stem(
+    given: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Fit torchvision's ImageNet resnet18 stem (``conv1.weight`` 64x3x7x7) to ours (64xCx3x3).
+
+    For one input channel the three colour filters are summed: exact for a grey image fed as
+    three equal channels. Then the centre 3x3 of each 7x7 kernel is kept: an approximation (the
+    stem's stride and the max-pool are gone too), so the features are a starting point, not
+    ImageNet's. ``fc`` is the head and is replaced anyway. Any other tensor must match as is.
+    """
+    weight, target = given.get("conv1.weight"), own.get("conv1.weight")
+    if weight is None or target is None or weight.shape == target.shape:
+        return given
+    if weight.dim() != 4 or weight.shape[1] != 3 or weight.shape[2:] != (7, 7) or target.shape[2:] != (3, 3):
+        return given  # not torchvision's stem: load_backbone reports the mismatch
+    if target.shape[1] == 1:
+        weight = weight.sum(dim=1, keepdim=True)
+    return {**given, "conv1.weight": weight[:, :, 2:5, 2:5].contiguous().to(target.dtype)}
 
 
 def unfreeze_step(config: TrainConfig, total_steps: int) -> int | None:

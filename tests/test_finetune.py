@@ -230,3 +230,26 @@ def test_finetune_fields_are_validated() -> None:
         TrainConfig(init_from="p", finetune="two_stage", unfreeze_at=10, steps=10)
     with pytest.raises(ConfigError, match="finetune 'partial' is not available"):
         TrainConfig(finetune="partial")
+
+
+def test_torchvision_imagenet_layout_resnet18_loads_with_an_adapted_stem(tmp_path: Path) -> None:
+    """A state_dict in torchvision's own resnet18 layout (3x7x7 stem, 1000-class fc: what
+    resnet18-f37072fd.pth holds) loads from disk: the stem is summed over RGB and centre-cropped,
+    every other backbone tensor is copied as is; a tensor of another shape elsewhere is an error."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(3)
+    source = resnet18(weights=None).state_dict()
+    torch.save(source, tmp_path / "resnet18-imagenet.pth")
+    config = TrainConfig(dataset="digits_5_9", model="resnet18", steps=2, threads=1,
+                         init_from=str(tmp_path / "resnet18-imagenet.pth"), finetune="feature_extraction")
+    state = build_session(config).model.state_dict()
+    expected_stem = source["conv1.weight"].sum(dim=1, keepdim=True)[:, :, 2:5, 2:5]
+    assert torch.equal(state["conv1.weight"], expected_stem)
+    for name in ("layer1.0.conv1.weight", "layer4.1.bn2.running_var", "bn1.weight"):
+        assert torch.equal(state[name], source[name])
+    assert state["fc.weight"].shape == (5, 512)
+    source["layer2.0.conv1.weight"] = source["layer2.0.conv1.weight"][:, :32]
+    torch.save(source, tmp_path / "bad.pth")
+    with pytest.raises(LineageError, match=r"layer2\.0\.conv1\.weight \(parent \S+ \[128, 32, 3, 3\]"):
+        build_session(config.replace(init_from=str(tmp_path / "bad.pth")))
