@@ -6,38 +6,37 @@
     RUN_DIR/checkpoints/latest                      name of the newest committed checkpoint
 
 Commit protocol: write into ``.tmp-step-...`` next to the target with ``contents.json`` (size and
-digest of every file, computed while writing), read the files back and check them against it while
-fsyncing them, fsync the directory, rename it into place, fsync the parent, then replace ``latest``.
-Older checkpoints are pruned only after that. A kill at any moment leaves either no ``step-...``
-directory or a complete one, so readers never trust ``latest`` alone: they scan the directories
-and take the newest that verifies.
+digest of every file, computed while writing; disk writeback starts while writing, see
+:mod:`reprokit.fsio`) and the new ``latest`` into a temporary file; read the files back and check
+them against it while fsyncing them, fsync the directory, rename it into place, rename the pointer
+over ``latest``, fsync the parent. Older checkpoints are pruned only after that. A kill at any
+moment leaves either no ``step-...`` directory or a complete one, so readers never trust ``latest``
+alone: they scan the directories and take the newest that verifies.
 Loading never unpickles arbitrary objects: ``state.pt`` goes through ``torch.load(weights_only=True)``
 and everything else is JSON.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import mmap
 import os
 import pickle
 import shutil
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, cast
 
 import pandas as pd
 import torch
-import xxhash
 
 from reprokit.config import config_differences
 from reprokit.digests import model_digest
 from reprokit.errors import ReprokitError
-from reprokit.faults import kill_self
-from reprokit.rundir import _fsync_dir, atomic_write_bytes
+from reprokit.fsio import HashingWriter, file_digest, fsync_files, write_hashed
+from reprokit.rundir import _fsync_dir
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -86,6 +85,9 @@ class Snapshot:
 
     meta: CheckpointMeta
     state: dict[str, Any] = field(repr=False)
+    # data pointers of the tensors in ``state`` that only the optimizer step changes (parameters,
+    # optimizer state): an async save may go on copying them while the next forward/backward runs
+    update_only: frozenset[int] = frozenset()
 
 
 def checkpoint_name(step: int) -> str:
@@ -95,27 +97,6 @@ def checkpoint_name(step: int) -> str:
 def architecture(state: Mapping[str, torch.Tensor]) -> dict[str, list[Any]]:
     """Name -> [dtype, shape] of every tensor in a state_dict: what a compatible model must have."""
     return {name: [str(t.dtype), list(t.shape)] for name, t in state.items()}
-
-
-def clone_state(obj: Any, into: Any = None) -> Any:
-    """A deep copy in which every tensor is copied, so training can go on while it is written.
-
-    With ``into`` (an earlier copy of the same structure) tensors are copied into its storage:
-    reusing the memory avoids a fresh allocation's page faults, the larger part of the cost.
-    """
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        same = isinstance(into, torch.Tensor) and (into.shape, into.dtype) == (t.shape, t.dtype)
-        if same and into.device == t.device:
-            return into.copy_(t)
-        return t.clone()
-    if isinstance(obj, dict):
-        earlier = into if isinstance(into, dict) else {}
-        return {k: clone_state(v, earlier.get(k)) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        same_len = isinstance(into, list | tuple) and len(into) == len(obj)
-        return type(obj)(clone_state(v, into[i] if same_len else None) for i, v in enumerate(obj))
-    return obj
 
 
 def write_checkpoint(run_dir: str | Path, snap: Snapshot, *, crash_midway: bool = False) -> Path:
@@ -136,20 +117,23 @@ def write_checkpoint(run_dir: str | Path, snap: Snapshot, *, crash_midway: bool 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    pointer = root / f"{TMP_PREFIX}{LATEST}-{os.getpid()}-{threading.get_ident()}"
     try:
-        # state.pt is streamed through a hashing writer: no second copy in memory
+        # state.pt is streamed through a hashing writer: no second copy in memory. torch's own
+        # CRC32 per record is off: the xxh3-128 of the whole file checked on every load supersedes it
         kill_after = _nbytes(snap.state) // 2 if crash_midway else None
-        meta_bytes = (json.dumps(meta.to_dict(), indent=1, sort_keys=True) + "\n").encode()
-        contents = {}
-        with open(tmp / STATE_FILE, "wb") as f:
-            writer = _HashingWriter(f, kill_after)
+        with open(tmp / STATE_FILE, "wb") as f, _without_torch_crc32():
+            writer = HashingWriter(f, kill_after)
             torch.save(snap.state, cast(IO[bytes], writer))
-            contents[STATE_FILE] = writer.record()
-        (tmp / META_FILE).write_bytes(meta_bytes)
-        contents[META_FILE] = {"bytes": len(meta_bytes), "xxh3_128": xxhash.xxh3_128_hexdigest(meta_bytes)}
+        contents = {STATE_FILE: writer.record()}
+        contents[META_FILE] = write_hashed(
+            tmp / META_FILE, (json.dumps(meta.to_dict(), indent=1, sort_keys=True) + "\n").encode())
         (tmp / CONTENTS_FILE).write_bytes(json.dumps({"files": contents}, indent=1, sort_keys=True).encode())
+        # the new pointer, written now so that one fsync batch and one journal commit cover it too
+        pointer.write_bytes(f"{name}\n".encode())
         # make the files durable while reading them back to verify: the disk and the CPU work at once
-        durable = threading.Thread(target=_fsync_files, args=(tmp, (STATE_FILE, META_FILE, CONTENTS_FILE)))
+        files = [tmp / n for n in (STATE_FILE, META_FILE, CONTENTS_FILE)] + [pointer]
+        durable = threading.Thread(target=fsync_files, args=(files,))
         durable.start()
         try:
             _verified_files(tmp)  # what reached the page cache is what was meant, before it counts
@@ -158,6 +142,7 @@ def write_checkpoint(run_dir: str | Path, snap: Snapshot, *, crash_midway: bool 
         _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        pointer.unlink(missing_ok=True)
         raise
     target = root / name
     if target.exists():  # an older attempt at this step (a resume went back past it): replace it
@@ -167,42 +152,20 @@ def write_checkpoint(run_dir: str | Path, snap: Snapshot, *, crash_midway: bool 
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
-    _fsync_dir(root)
-    atomic_write_bytes(root / LATEST, f"{name}\n".encode())
+    os.replace(pointer, root / LATEST)
+    _fsync_dir(root)  # both renames are durable: the checkpoint is committed (``latest`` is a hint)
     return target
 
 
-def _fsync_files(directory: Path, names: tuple[str, ...]) -> None:
-    for name in names:
-        fd = os.open(directory / name, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-class _HashingWriter:
-    """File wrapper that digests what passes through; optionally SIGKILLs after ``kill_after`` bytes."""
-
-    def __init__(self, f: io.BufferedWriter, kill_after: int | None) -> None:
-        self.f, self.kill_after = f, kill_after
-        self.hash, self.size = xxhash.xxh3_128(), 0
-
-    def write(self, data: bytes) -> int:
-        if self.kill_after is not None and self.size + len(data) >= self.kill_after:
-            self.f.write(data[: max(0, self.kill_after - self.size)])
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            kill_self()
-        self.hash.update(data)
-        self.size += len(data)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def record(self) -> dict[str, Any]:
-        return {"bytes": self.size, "xxh3_128": self.hash.hexdigest()}
+@contextmanager
+def _without_torch_crc32() -> Iterator[None]:
+    """torch.save without its per-record CRC32 (a process-wide setting, restored after)."""
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
 
 
 def _nbytes(obj: Any) -> int:
@@ -264,16 +227,8 @@ def _verified_files(path: Path) -> None:
         size = fpath.stat().st_size
         if size != expect["bytes"]:
             raise CheckpointError(f"{fpath}: truncated or extended: {size} bytes, {expect['bytes']} recorded")
-        if _file_digest(fpath, size) != expect["xxh3_128"]:
+        if file_digest(fpath, size) != expect["xxh3_128"]:
             raise CheckpointError(f"{fpath}: content digest does not match contents.json (corrupted)")
-
-
-def _file_digest(path: Path, size: int) -> str:
-    """xxh3-128 of a file, hashed straight from the page cache through mmap (no copy)."""
-    if size == 0:
-        return xxhash.xxh3_128_hexdigest(b"")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        return xxhash.xxh3_128_hexdigest(mm)
 
 
 def check_compatible(

@@ -31,7 +31,7 @@ from reprokit.checkpoint import (
     CheckpointMeta,
     Snapshot,
 )
-from reprokit.checkpointer import Checkpointer
+from reprokit.checkpointer import Checkpointer, update_only
 from reprokit.config import TrainConfig
 from reprokit.data import DatasetBundle, EpochBatchSampler, batches_per_epoch, load_dataset, make_loader
 from reprokit.digests import combine_digests, source_digest, state_digests
@@ -233,7 +233,7 @@ def run_loop(
             data_digest=data.digest, code_version=source_digest(), manifest_digest=manifest_digest,
             run_files=writer.sync(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
-        return Snapshot(meta, saved)
+        return Snapshot(meta, saved, update_only=update_only(model, optimizer))
 
     bar = tqdm(total=total, initial=state.step, disable=not show_progress(progress), leave=False,
                desc=f"{config.model} seed {config.seed}")
@@ -252,6 +252,8 @@ def run_loop(
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(xb), yb)
                 loss.backward()
+                if checkpointer is not None:
+                    checkpointer.before_update()  # an async save may still be copying the weights
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()

@@ -21,8 +21,9 @@ from reprokit.checkpoint import (
     verify_run,
     write_checkpoint,
 )
-from reprokit.checkpointer import Checkpointer
+from reprokit.checkpointer import Checkpointer, update_only
 from reprokit.cli import main
+from reprokit.digests import model_digest
 from reprokit.recovery import damage_checkpoint
 
 CKPT = TrainConfig(model="mlp", steps=12, batch_size=128, threads=1, checkpoint_every=4)
@@ -170,3 +171,27 @@ def test_rewriting_a_step_replaces_the_old_checkpoint(run: Path, tmp_path: Path)
     write_checkpoint(copy, Snapshot(meta, state))
     assert read_checkpoint(path)[0].model_digest == meta.model_digest
     assert not [p for p in (copy / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_async_save_copies_the_weights_before_the_optimizer_changes_them(run: Path, tmp_path: Path) -> None:
+    """The optimizer step may change the weights once before_update returns; the checkpoint keeps the old."""
+    meta, state = read_checkpoint(list_checkpoints(run)[0])
+    model = torch.nn.Linear(1024, 1024)  # 12 MB with Adam: the copy takes a while
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(2, 1024)).sum().backward()
+    opt.step()
+    state = {**state, "model": model.state_dict(), "optimizer": opt.state_dict()}
+    saved = model_digest(model)
+    saver = Checkpointer(tmp_path, every=1, seconds=0, keep=1, background=True)
+    saver.save(lambda: Snapshot(meta, state, update_only=update_only(model, opt)))
+    saver.before_update()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # what optimizer.step() would do, possibly before the file is written
+        for s in opt.state.values():
+            s["exp_avg"].zero_()
+    saver.wait()
+    written, loaded = read_checkpoint(list_checkpoints(tmp_path)[0])
+    assert written.model_digest == saved != model_digest(model)
+    assert torch.count_nonzero(next(iter(loaded["optimizer"]["state"].values()))["exp_avg"]) > 0
+    assert saver.blocked_seconds[0] > 0
