@@ -9,6 +9,7 @@ from reprokit.compare import Comparison, compare_runs
 from reprokit.config import TrainConfig
 from reprokit.data import DatasetBundle, load_dataset, make_loader
 from reprokit.digests import first_divergence, model_digest, state_digests, tensor_digest
+from reprokit.display import explorer, headline
 from reprokit.errors import ConfigError, DataError, ModelError, ReprokitError, SeedError
 from reprokit.finetune import LineageError, finetune, lineage, pretrain
 from reprokit.ledger import Ledger, runs
@@ -57,9 +58,11 @@ __all__ = [
     "compare_runs",
     "determinism_verdict",
     "divergences",
+    "explorer",
     "finetune",
     "fingerprint",
     "first_divergence",
+    "headline",
     "importance",
     "lineage",
     "load_dataset",

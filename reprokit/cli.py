@@ -86,6 +86,15 @@ def _runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lineage(args: argparse.Namespace) -> int:
+    from reprokit.finetune import lineage
+
+    table = lineage(args.run_dir)
+    with pd.option_context("display.max_colwidth", 60, "display.width", 250, "display.max_columns", 20):
+        print(table.to_string(index=False))
+    return 0 if table["verified"].ne(False).all() else 1
+
+
 def _compare(args: argparse.Namespace) -> int:
     from reprokit.compare import compare_runs
 
@@ -100,6 +109,17 @@ def _compare(args: argparse.Namespace) -> int:
         with pd.option_context("display.width", 200, "display.max_rows", 60):
             print(comparison.gap.to_string(index=False))
     return 0 if comparison.identical else 1
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from reprokit.reproduce import reproduce
+
+    changes: dict[str, Any] = dict(_assignment(a) for a in args.set)
+    if args.threads is not None:
+        changes["threads"] = args.threads
+    rep = reproduce(args.run_dir, args.out, changes=changes, tolerance=args.tolerance)
+    print(rep.describe())
+    return 0 if rep.verdict != "failed" else 1
 
 
 def _print_result(result: RunResult) -> None:
@@ -118,12 +138,20 @@ def _assignment(text: str) -> tuple[str, Any]:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from reprokit.report import run_report
+    from reprokit.report import NOTEBOOKS_DIR, NotebookRun, run_report
 
-    runs = run_report(args.profile, args.out)
-    print(runs[["notebook", "status", "seconds", "error"]].to_string(index=False))
-    print(f"index: {args.out}/index.html")
-    return 0 if (runs["status"] == "ok").all() else 1
+    def done(run: NotebookRun) -> None:
+        where = f" at cell {run.error_cell}" if run.error_cell is not None else ""
+        print(f"{run.status:<6} {run.seconds:7.1f} s  {run.notebook}"
+              + (f"  ({run.error}{where})" if run.error else ""), flush=True)
+
+    code = "removed" if args.no_input else "hidden" if args.hide_input else "shown"
+    runs = run_report(args.profile, args.out, notebooks_dir=args.notebooks_dir or NOTEBOOKS_DIR,
+                      only=args.notebook, jobs=args.jobs, code=code,
+                      cell_timeout=args.cell_timeout or None, on_done=done)
+    failed = int((runs["status"] != "ok").sum())
+    print(f"{len(runs) - failed}/{len(runs)} notebooks ok; index: {args.out}/index.html")
+    return 0 if failed == 0 else 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -155,6 +183,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
                    help="keep rows whose column equals the value (repeatable), e.g. --where status=finished")
     p.set_defaults(func=_runs)
+    p = sub.add_parser("lineage", help="a run and its parents, child first (exit 1 if a parent changed)")
+    p.add_argument("run_dir", help="the run directory")
+    p.set_defaults(func=_lineage)
+    p = sub.add_parser("reproduce", help="rerun a finished run from its manifest; verdict and "
+                       "environment differences (exit 1 if the metric moved beyond the tolerance)")
+    p.add_argument("run_dir", help="a finished run directory")
+    p.add_argument("--out", help="where the rerun goes (default: RUN_DIR-reproduced)")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="largest |metric difference| still counted as reproduced (default 0.01)")
+    p.add_argument("--threads", type=int, help="reproduce with this many intra-op threads")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a config field for the rerun (repeatable)")
+    p.set_defaults(func=_reproduce)
     p = sub.add_parser("compare", help="are two runs identical? if not, where, when and why they split "
                        "(exit 0 identical, 1 not)")
     p.add_argument("a", help="a run directory")
@@ -165,5 +206,16 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="execute every notebook with papermill and render HTML")
     p.add_argument("--profile", default="smoke", help="a profile in notebooks/profiles.yaml")
     p.add_argument("--out", default="reports", help="where the executed notebooks and HTML go")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="notebooks to run at once, each "
+                   "in its own process")
+    p.add_argument("--notebook", action="append", default=[], metavar="NAME",
+                   help="run only this notebook (name or number, e.g. 03; repeatable)")
+    p.add_argument("--notebooks-dir", help="where the notebooks and profiles.yaml are (default: notebooks/)")
+    p.add_argument("--cell-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="fail a notebook whose cell runs longer than this (default 1800; 0: no limit)")
+    code = p.add_mutually_exclusive_group()
+    code.add_argument("--hide-input", action="store_true",
+                      help="pages open with code hidden (default: shown; a button toggles it)")
+    code.add_argument("--no-input", action="store_true", help="render pages without code cells' input")
     p.set_defaults(func=_report)
     return parser

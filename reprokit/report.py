@@ -1,45 +1,62 @@
-"""Reports: execute every notebook with papermill under a named profile and render HTML.
+"""Reports: execute every notebook with papermill under a named profile and render HTML + an index.
 
 Profiles live in one YAML file (``notebooks/profiles.yaml``): ``{profile: {notebook: {param:
 value}}}``. Each notebook's parameters cell holds its smoke values, so nbval (which runs the
 notebooks as stored) and the smoke profile agree. Parameters are checked against the notebook's
 own before anything runs: papermill only warns about an unknown one.
+
+Two helpers are for the notebooks themselves: :func:`headline` publishes a notebook's key results
+(the index reads them back from the executed notebook) and :func:`explorer` builds its
+ipywidgets explorer. A rendered report has no kernel, so the report tells the kernel it runs
+headless (``REPROKIT_HEADLESS=1``): the explorer then shows a note instead of building widgets
+(executing widgets without a frontend can hang nbclient, jupyter/nbclient#312), and any other
+widget output becomes the same note in the HTML. The static figures carry the content.
 """
 
 from __future__ import annotations
 
 import ast
 import html
+import multiprocessing
 import os
+import re
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nbformat
 import pandas as pd
-import papermill
 import yaml
-from nbconvert import HTMLExporter
-from papermill.exceptions import PapermillExecutionError
 
+from reprokit.display import HEADLESS_ENV, HEADLINE_MIME, WIDGET_NOTE, format_value
 from reprokit.errors import ReportError
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 PROFILES_FILE = "profiles.yaml"
 DEFAULT_KERNEL = "reprokit"  # registered in the venv by `make`; naming it avoids NoSuchKernel
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+CODE_MODES = ("shown", "hidden", "removed")
 
 
 @dataclass(frozen=True)
 class NotebookRun:
-    """How one notebook fared."""
+    """How one notebook fared. ``error_cell`` is the failing cell's index in the source notebook
+    (0-based), ``error_count`` its execution count, ``error_anchor`` its id in the HTML page."""
 
     notebook: str
-    status: str  # "ok" or "failed"
+    status: str  # "ok", "failed" (or "pending" in an index written while others still run)
     seconds: float
     html: Path
     error: str = ""
+    error_cell: int | None = None
+    error_count: int | None = None
+    error_anchor: str = ""
+    headline: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- profiles --------------------------------------------------------------------------------
 
 
 def load_profile(profile: str, notebooks_dir: Path = NOTEBOOKS_DIR) -> dict[str, dict[str, Any]]:
@@ -53,6 +70,8 @@ def load_profile(profile: str, notebooks_dir: Path = NOTEBOOKS_DIR) -> dict[str,
 
 def check_parameters(notebook: Path, parameters: Mapping[str, Any]) -> None:
     """Refuse parameters the notebook does not declare, or whose type differs from its default's."""
+    import papermill
+
     declared = papermill.inspect_notebook(str(notebook))
     unknown = sorted(set(parameters) - set(declared))
     if unknown:
@@ -76,17 +95,42 @@ def check_parameters(notebook: Path, parameters: Mapping[str, Any]) -> None:
         )
 
 
+# ---- running ---------------------------------------------------------------------------------
+
+
 def run_report(
     profile: str = "smoke",
     out: str | Path = "reports",
     *,
     notebooks_dir: str | Path = NOTEBOOKS_DIR,
+    only: Sequence[str] = (),
+    jobs: int = 1,
+    code: str = "shown",
+    cell_timeout: float | None = 1800.0,
     kernel: str | None = None,
+    on_done: Callable[[NotebookRun], None] | None = None,
 ) -> pd.DataFrame:
     """Execute every notebook under ``profile`` into ``out`` (.ipynb and .html) plus index.html.
 
-    A failing notebook does not stop the others; check the ``status`` column.
+    A failing notebook does not stop the others; check the ``status`` column. The index is
+    rewritten (atomically) as each notebook finishes, so an interrupted report still lists what ran.
+
+    Args:
+        profile: a profile in ``notebooks_dir/profiles.yaml``.
+        out: the output directory.
+        notebooks_dir: where the ``NN_name.ipynb`` notebooks are.
+        only: run just these notebooks (name, file name or number prefix such as ``"03"``).
+        jobs: notebooks to execute at once, each in its own process.
+        code: ``"shown"`` (a button hides it), ``"hidden"`` (the button shows it) or ``"removed"``.
+        cell_timeout: seconds a cell may run before its notebook is failed (None: no limit); a
+            hung notebook would otherwise hold the whole report.
+        kernel: the Jupyter kernel (default ``$REPROKIT_KERNEL``, else ``reprokit``).
+        on_done: called with each notebook's result as it finishes.
     """
+    if code not in CODE_MODES:
+        raise ReportError(f"code={code!r} is not one of {CODE_MODES}; pass e.g. code='shown'")
+    if jobs < 1:
+        raise ReportError(f"jobs={jobs} must be at least 1; pass e.g. --jobs 2")
     notebooks_dir, out = Path(notebooks_dir).resolve(), Path(out).resolve()
     kernel = kernel or os.environ.get("REPROKIT_KERNEL", DEFAULT_KERNEL)
     params = load_profile(profile, notebooks_dir)
@@ -96,37 +140,91 @@ def run_report(
     unknown = sorted(set(params) - {nb.stem for nb in notebooks})
     if unknown:
         raise ReportError(f"profile {profile!r} names notebooks {unknown} that are not in {notebooks_dir}")
+    notebooks = _select(notebooks, only)
     for nb in notebooks:
         check_parameters(nb, params.get(nb.stem, {}))
     out.mkdir(parents=True, exist_ok=True)
-    runs = [_run_one(nb, out, params.get(nb.stem, {}), kernel) for nb in notebooks]
-    _write_index(out, profile, runs)
-    return pd.DataFrame([r.__dict__ for r in runs])
+    runs = {nb.stem: NotebookRun(nb.stem, "pending", 0.0, out / f"{nb.stem}.html") for nb in notebooks}
+    _write_index(out, profile, list(runs.values()))
+
+    def finish(run: NotebookRun) -> None:
+        runs[run.notebook] = run
+        _write_index(out, profile, list(runs.values()))
+        if on_done is not None:
+            on_done(run)
+
+    tasks = [(nb, out, params.get(nb.stem, {}), kernel, code, cell_timeout) for nb in notebooks]
+    if jobs == 1 or len(tasks) == 1:
+        for task in tasks:
+            finish(_run_one(*task))
+    else:
+        # spawn: a fresh interpreter per worker, nothing inherited from a process that may hold threads
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=context) as pool:
+            futures = {pool.submit(_run_one, *task): task[0] for task in tasks}
+            for future in as_completed(futures):
+                notebook = futures[future]
+                try:
+                    finish(future.result())
+                except Exception as e:  # the worker process died: record it, keep the others
+                    finish(NotebookRun(notebook.stem, "failed", 0.0, out / f"{notebook.stem}.html",
+                                       error=f"worker died: {type(e).__name__}: {e}"))
+    frame = pd.DataFrame([run.__dict__ for run in runs.values()])
+    return frame.astype({"error_cell": "Int64", "error_count": "Int64"})
 
 
-def _run_one(notebook: Path, out: Path, parameters: dict[str, Any], kernel: str) -> NotebookRun:
+def _select(notebooks: list[Path], only: Sequence[str]) -> list[Path]:
+    if not only:
+        return notebooks
+    chosen = []
+    for name in only:
+        stem = name.removesuffix(".ipynb")
+        match = [nb for nb in notebooks if nb.stem == stem] or [
+            nb for nb in notebooks if nb.stem.startswith(f"{stem}_")]
+        if len(match) != 1:
+            raise ReportError(f"--notebook {name!r} names no single notebook; choose one of "
+                              f"{[nb.stem for nb in notebooks]}")
+        chosen.append(match[0])
+    return sorted(set(chosen))
+
+
+def _run_one(
+    notebook: Path, out: Path, parameters: dict[str, Any], kernel: str, code: str, timeout: float | None
+) -> NotebookRun:
+    """Execute one notebook and render its page; never raises for a notebook's own failure."""
+    import nbformat
+    import papermill
+
     executed = out / notebook.name
     started = time.perf_counter()
     error = ""
-    previous = os.environ.get("REPROKIT_PROGRESS")
-    os.environ["REPROKIT_PROGRESS"] = "0"  # progress widgets would be empty boxes in the HTML
+    # the kernel inherits our environment: no progress widgets (empty boxes in the HTML), no explorer
+    previous = {name: os.environ.get(name) for name in ("REPROKIT_PROGRESS", HEADLESS_ENV)}
+    os.environ.update({"REPROKIT_PROGRESS": "0", HEADLESS_ENV: "1"})
     try:
         papermill.execute_notebook(
             str(notebook), str(executed), parameters=parameters, kernel_name=kernel,
-            cwd=str(notebook.parent), progress_bar=False,
+            cwd=str(notebook.parent), progress_bar=False, execution_timeout=timeout,
         )
-    except PapermillExecutionError as e:
-        error = f"cell {e.exec_count}: {e.ename}: {e.evalue}"
+    except Exception as e:  # a cell raised (PapermillExecutionError), timed out, the kernel died, ...
+        error = f"{type(e).__name__}: {e}".splitlines()[0]
     finally:
-        _restore_env("REPROKIT_PROGRESS", previous)
-    seconds = time.perf_counter() - started
+        for name, value in previous.items():
+            _restore_env(name, value)
+    seconds = round(time.perf_counter() - started, 1)
     page = out / f"{notebook.stem}.html"
-    if executed.is_file():
-        body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
-        page.write_text(body)
-    else:
-        error = error or "papermill wrote no output notebook"
-    return NotebookRun(notebook.stem, "failed" if error else "ok", round(seconds, 1), page, error)
+    if not executed.is_file():
+        return NotebookRun(notebook.stem, "failed", seconds, page,
+                           error=error or "papermill wrote no output notebook")
+    nb = nbformat.read(executed, as_version=4)
+    numbers = _headline_of(nb)
+    failure = _failing_cell(nb, nbformat.read(notebook, as_version=4))
+    _atomic_write(page, _render(nb, code))
+    if failure is None:
+        return NotebookRun(notebook.stem, "failed" if error else "ok", seconds, page, error,
+                           headline=numbers)
+    index, count, anchor, message = failure
+    return NotebookRun(notebook.stem, "failed", seconds, page, message, index, count, anchor, numbers)
 
 
 def _restore_env(name: str, value: str | None) -> None:
@@ -136,17 +234,103 @@ def _restore_env(name: str, value: str | None) -> None:
         os.environ[name] = value
 
 
+def _headline_of(nb: Any) -> dict[str, Any]:
+    numbers: dict[str, Any] = {}
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            published = output.get("data", {}).get(HEADLINE_MIME)
+            if published:
+                values = published.get("values", {})
+                numbers.update((name, values[name]) for name in published.get("names", values))
+    return numbers
+
+
+def _failing_cell(nb: Any, source: Any) -> tuple[int | None, int | None, str, str] | None:
+    """(index in the source notebook, execution count, HTML anchor, "Name: message") of the first
+    cell with an error output, or None."""
+    positions = {cell.get("id"): i for i, cell in enumerate(source.cells)}
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                anchor = f"cell-id={cell.id}" if cell.get("id") else "papermill-error-cell"
+                message = f"{output.get('ename', '')}: {output.get('evalue', '')}".splitlines()[0]
+                return positions.get(cell.get("id")), cell.get("execution_count"), anchor, message
+    return None
+
+
+# ---- rendering -------------------------------------------------------------------------------
+
+_CODE_TOGGLE = """<style>
+#reprokit-code-toggle{position:fixed;top:8px;right:12px;z-index:1000;padding:4px 10px;font:13px sans-serif}
+body.reprokit-hide-code .jp-CodeCell .jp-Cell-inputWrapper{display:none}
+@media print{#reprokit-code-toggle{display:none}}
+</style>
+<button id="reprokit-code-toggle" type="button" onclick="var h=document.body.classList.toggle(
+'reprokit-hide-code');this.textContent=h?'Show code':'Hide code'">Hide code</button>
+"""
+
+
+def _render(nb: Any, code: str) -> str:
+    """The HTML page: figures embedded as data: images, widgets replaced by a note, code toggle."""
+    from nbconvert import HTMLExporter
+
+    _static_widgets(nb)
+    body: str
+    body, _ = HTMLExporter(exclude_input=code == "removed").from_notebook_node(nb)
+    if code == "removed":
+        return body
+    toggle = _CODE_TOGGLE
+    if code == "hidden":
+        toggle = toggle.replace(">Hide code<", ">Show code<") + (
+            "<script>document.body.classList.add('reprokit-hide-code')</script>\n")
+    return re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + "\n" + toggle, body, count=1)
+
+
+def _static_widgets(nb: Any) -> None:
+    """Replace widget views (empty without a kernel and the widget manager from a CDN) by a note."""
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if WIDGET_MIME in output.get("data", {}):
+                output["data"] = {"text/html": WIDGET_NOTE, "text/plain": "(interactive explorer)"}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _write_index(out: Path, profile: str, runs: list[NotebookRun]) -> None:
-    rows = "\n".join(
-        f"<tr><td><a href='{html.escape(r.html.name)}'>{html.escape(r.notebook)}</a></td>"
-        f"<td class='{r.status}'>{r.status}</td><td>{r.seconds:.1f} s</td>"
-        f"<td>{html.escape(r.error)}</td></tr>"
-        for r in runs
-    )
-    (out / "index.html").write_text(
+    done = [r for r in runs if r.status != "pending"]
+    ok = sum(r.status == "ok" for r in runs)
+    rows = "\n".join(_index_row(r) for r in runs)
+    _atomic_write(out / "index.html", (
         "<!doctype html><meta charset='utf-8'><title>reprokit reports</title>"
-        "<style>body{font-family:sans-serif}td,th{padding:4px 12px}.ok{color:green}"
-        ".failed{color:#b00;font-weight:bold}</style>"
+        "<style>body{font-family:sans-serif}td,th{padding:4px 12px;vertical-align:top;text-align:left}"
+        ".ok{color:green}.failed{color:#b00;font-weight:bold}.pending{color:#888}"
+        "dl{margin:0;display:grid;grid-template-columns:auto auto;gap:0 12px}dt{color:#555}dd{margin:0}"
+        "</style>"
         f"<h1>reprokit reports ({html.escape(profile)} profile)</h1>"
-        f"<table><tr><th>notebook</th><th>status</th><th>time</th><th>error</th></tr>{rows}</table>\n"
-    )
+        f"<p>{ok}/{len(runs)} notebooks ok, {len(done)}/{len(runs)} finished; "
+        f"updated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>"
+        "<table><tr><th>notebook</th><th>status</th><th>time</th><th>headline</th><th>error</th></tr>"
+        f"{rows}</table>\n"
+    ))
+
+
+def _index_row(run: NotebookRun) -> str:
+    page = html.escape(run.html.name)
+    name = html.escape(run.notebook)
+    link = name if run.status == "pending" else (
+        f"<a href='{page}'>{name}</a> <small>(<a href='{name}.ipynb'>ipynb</a>)</small>")
+    numbers = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(format_value(v))}</dd>"
+                      for k, v in run.headline.items())
+    error = html.escape(run.error)
+    if run.error_anchor:
+        where = f"cell {run.error_cell}" if run.error_cell is not None else "cell"
+        where += f" (In [{run.error_count}])" if run.error_count is not None else ""
+        error = f"<a href='{page}#{html.escape(run.error_anchor)}'>{where}</a>: {error}"
+    seconds = "" if run.status == "pending" else f"{run.seconds:.1f} s"
+    return (f"<tr><td>{link}</td><td class='{run.status}'>{run.status}</td><td>{seconds}</td>"
+            f"<td><dl>{numbers}</dl></td><td>{error}</td></tr>")

@@ -16,6 +16,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from reprokit.compare import Comparison
+from reprokit.display import WIDGET_NOTE, headless
 from reprokit.trace import CHANGE_SCALE, IMPORTANCE_METHODS, MODEL, traceability_score
 
 UPDATE_RATIO_RULE = 1e-3  # CS231n: updates ~1e-3 of the weights' scale are healthy
@@ -132,9 +133,13 @@ def _divergence_title(comparison: Comparison) -> str:
 
 def trace_explorer(trace: pd.DataFrame, importance: pd.DataFrame, *, method: str = "snip") -> Any:
     """An ipywidgets explorer for JupyterLab: pick a tensor (or the whole model), α and a step
-    range; shows that tensor's change, explainability and score. Tag its cell ``nbval-skip``."""
+    range; shows that tensor's change, explainability and score. Tag its cell ``nbval-skip``; under
+    ``reprokit report`` it shows a note instead (see ``reprokit.display``)."""
+    from IPython.display import HTML, display
+
+    if headless():
+        return HTML(WIDGET_NOTE)
     import ipywidgets as widgets  # type: ignore[import-untyped]  # no stubs; only needed here
-    from IPython.display import display
 
     first, last = int(trace["step"].min()), int(trace["step"].max())
     pick = widgets.Dropdown(options=[MODEL, *dict.fromkeys(trace["tensor"])], description="tensor")
