@@ -71,6 +71,12 @@ class Tracer(Callback):
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.every = every
         self._rows: list[tuple[Any, ...]] = []
+        # per tensor Σ saliency and Σ g² over the traced steps, and their count: the importance
+        # at the end without reading trace.csv back; None after a resume from a tracer state
+        # without them, which falls back to the file
+        self._totals: list[list[float]] | None = None
+        self._traced = 0
+        self._restored: dict[str, Any] | None = None
         self._names: list[str] = []
         self._params: list[torch.Tensor] = []
         self._sizes: list[int] = []
@@ -101,6 +107,10 @@ class Tracer(Callback):
         self._prev, self._cur, self._grad = (torch.empty(n, dtype=dtype, device=device) for _ in range(3))
         self._work = torch.empty(8, n, dtype=dtype, device=device)
         self._rows, self._traced_step = [], -1
+        restored, self._restored = self._restored, None
+        fresh = [[0.0] * len(named), [0.0] * len(named)]
+        self._totals = fresh if restored is None else restored.get("totals")
+        self._traced = int(restored.get("traced", 0)) if restored else 0
         self._headers = None
         if device.type == "cpu" and all(p.dtype == dtype for p in self._params):
             # the framing tensor_digest hashes before a tensor's bytes, and where they lie in the copy
@@ -124,21 +134,29 @@ class Tracer(Callback):
             return
         assert self._close is not None
         self._close()
+        if self._totals is not None:
+            if self._traced:  # the whole run's importance: steps traced before a resume count too
+                snip, fisher = self._totals
+                table = _importance_table(self._names, self._sizes, snip, fisher, self._traced)
+                atomic_write_bytes(self.run_dir / IMPORTANCE, table.to_csv(index=False).encode())
+            return
         trace = read_trace(self.run_dir)
-        if len(trace):  # the whole run's trace: rows written before a resume count too
+        if len(trace):
             data = importance(trace).to_csv(index=False).encode()
             atomic_write_bytes(self.run_dir / IMPORTANCE, data)
 
     def state_dict(self) -> dict[str, Any] | None:
-        """The byte length of trace.csv at the checkpoint; a resume cuts the file back to it."""
+        """The byte length of trace.csv at the checkpoint (a resume cuts the file back to it) and
+        the importance totals so far."""
         if self._file is None:
             return None
         self._file.flush()
         os.fsync(self._file.fileno())
-        return {"trace_bytes": self._file.tell()}
+        return {"trace_bytes": self._file.tell(), "totals": self._totals, "traced": self._traced}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         self._resume_bytes = int(state["trace_bytes"]) if state else None
+        self._restored = {"totals": state.get("totals"), "traced": state.get("traced", 0)} if state else None
 
     def frame(self) -> pd.DataFrame:
         """The rows traced in this process, in the columns of ``read_trace``."""
@@ -196,6 +214,12 @@ class Tracer(Callback):
         d1, d2, g2, sal, c1, c2 = sums[:6]
         p1, p2 = sums[6:] if self._prev_norms is None else self._prev_norms
         self._cur_norms, self._traced_step = [c1, c2], step
+        if self._totals is not None:
+            snip, fisher = self._totals
+            for i in range(len(snip)):
+                snip[i] += sal[i]
+                fisher[i] += g2[i]
+        self._traced += 1
         digests = self._digests()
         rows = [(step, name, size, _ratio(d1[i], p1[i]), _ratio(math.sqrt(d2[i]), math.sqrt(p2[i])),
                  math.sqrt(g2[i]), sal[i], d1[i], math.sqrt(c2[i]), digests[i])
@@ -265,19 +289,30 @@ def importance(trace: pd.DataFrame) -> pd.DataFrame:
         raise TraceError("the trace has no rows, so importance is undefined; trace at least one step "
                          "(Tracer every <= steps)")
     by_tensor = trace.assign(fisher=trace["grad_norm"] ** 2).groupby("tensor", sort=False)
+    count = by_tensor.size()
+    return _importance_table(list(count.index), by_tensor["numel"].first().tolist(),
+                             by_tensor["saliency"].sum().tolist(), by_tensor["fisher"].sum().tolist(),
+                             count.tolist())
+
+
+def _importance_table(names: Sequence[str], sizes: Sequence[int], snip: Sequence[float],
+                      fisher: Sequence[float], traced: int | Sequence[int]) -> pd.DataFrame:
+    """Per-tensor means over ``traced`` steps of the summed saliency and g², and the parameter
+    count, each column normalised to sum to 1."""
+    counts = [traced] * len(names) if isinstance(traced, int) else list(traced)
     table = pd.DataFrame({
-        "numel": by_tensor["numel"].first(),
-        "snip": by_tensor["saliency"].mean(),
-        "fisher": by_tensor["fisher"].mean(),
+        "tensor": list(names), "numel": list(sizes),
+        "snip": [v / n for v, n in zip(snip, counts, strict=True)],
+        "fisher": [v / n for v, n in zip(fisher, counts, strict=True)],
+        "uniform": [float(n) for n in sizes],
     })
-    table["uniform"] = table["numel"].astype(float)
     for column in IMPORTANCE_METHODS:
         total = table[column].sum()
         if not total > 0:
             raise TraceError(f"{column} importance sums to {total} over the model: no traced step had a "
                              "gradient; trace steps that run backward")
         table[column] = table[column] / total
-    return table.reset_index()
+    return table
 
 
 def traceability_score(
