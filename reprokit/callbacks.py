@@ -31,6 +31,8 @@ class TrainState:
     epoch: int = 0
     batch: int = 0  # batches of this epoch consumed
     loss: float = float("nan")
+    # this step's tensor digests (state_dict name -> digest) when the loop computed them, else None
+    digests: dict[str, str] | None = None
 
 
 class Callback:

@@ -126,7 +126,7 @@ class Tracer(Callback):
 
     def on_step_end(self, state: TrainState) -> None:
         if state.step % self.every == 0:
-            self._trace(state.step)
+            self._trace(state.step, state.digests)
         self._snapshot_if_due(state.step)
 
     def on_train_end(self, state: TrainState) -> None:
@@ -193,7 +193,7 @@ class Tracer(Callback):
         return [p.detach().reshape(-1) for p in self._params]  # e.g. channels_last: no flat view
 
     @torch.no_grad()  # gradients require grad after backward(create_graph=True)
-    def _trace(self, step: int) -> None:
+    def _trace(self, step: int, known: dict[str, str] | None = None) -> None:
         # a few whole-model passes over flat copies: per-tensor ops would cost a dispatch each
         prev, cur, grad, w = self._prev, self._cur, self._grad, self._work
         torch.cat(self._flat_params(), out=cur)
@@ -220,7 +220,9 @@ class Tracer(Callback):
                 snip[i] += sal[i]
                 fisher[i] += g2[i]
         self._traced += 1
-        digests = self._digests()
+        # the loop's own digests of this step, when it took them: the same tensor_digest values
+        digests = [known[n] for n in self._names] if known and all(n in known for n in self._names) \
+            else self._digests()
         rows = [(step, name, size, _ratio(d1[i], p1[i]), _ratio(math.sqrt(d2[i]), math.sqrt(p2[i])),
                  math.sqrt(g2[i]), sal[i], d1[i], math.sqrt(c2[i]), digests[i])
                 for i, (name, size) in enumerate(zip(self._names, self._sizes, strict=True))]

@@ -212,6 +212,7 @@ def run_loop(
     def record(row: dict[str, Any]) -> None:
         every = config.digest_every
         digests = state_digests(model) if every and row["step"] % every == 0 else None
+        state.digests = digests
         if digests is not None:
             history.append((row["step"], digests))
             row["digest"] = combine_digests(digests)

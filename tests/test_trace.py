@@ -262,3 +262,11 @@ def test_trace_figures_are_built(tmp_path: Path) -> None:
                plot_traceability(traceability_score(trace, table, [0.2, 0.5, 0.8]))]
     for fig in figures:
         assert isinstance(fig, matplotlib.figure.Figure) and fig.axes
+
+
+def test_trace_is_the_same_whether_the_loop_took_digests_or_not() -> None:
+    """With per-step digests the tracer reuses the loop's; without, it hashes itself: same frame."""
+    reused, own = Tracer(), Tracer()
+    train(TINY, callbacks=(reused,), progress=False)
+    train(TINY.replace(digest_every=0), callbacks=(own,), progress=False)
+    pd.testing.assert_frame_equal(reused.frame(), own.frame())
