@@ -15,7 +15,6 @@ Run: ``python benchmarks/bench_overhead.py [--quick] [--repeats N] [--steps N]``
 
 from __future__ import annotations
 
-import argparse
 import gc
 import math
 import statistics
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from common import repeats_and_steps, training_parser, verdict
 from torch import nn
 
 from reprokit.config import TrainConfig
@@ -115,18 +115,10 @@ def paired_ratio(runs: list[Outcome], hand: list[Outcome]) -> float:
     return statistics.median(r.seconds / h.seconds for r, h in zip(runs, hand, strict=True))
 
 
-def verdict(ratio: float, target: float) -> str:
-    return f"target <= {target:.2f}x: {'MET' if ratio <= target else 'MISSED'}"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="100 steps and 3 repeats")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 7)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 300)")
+    parser = training_parser(__doc__)
     args = parser.parse_args()
-    repeats: int = args.repeats if args.repeats is not None else (3 if args.quick else 7)
-    steps: int = args.steps if args.steps is not None else (100 if args.quick else 300)
+    repeats, steps = repeats_and_steps(args)
     torch.set_num_threads(THREADS)
 
     variants: list[tuple[str, Callable[[TrainConfig], Outcome], TrainConfig]] = [

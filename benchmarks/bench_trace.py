@@ -17,7 +17,6 @@ Run: ``python benchmarks/bench_trace.py [--quick] [--repeats N] [--steps N] [--d
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import tempfile
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from common import repeats_and_steps, training_parser, verdict
 
 from reprokit.callbacks import Callback, TrainState
 from reprokit.config import TrainConfig
@@ -91,20 +91,12 @@ def run(config: TrainConfig, every: int | None, root: Path) -> Outcome:
                    tracer.hook_seconds if tracer else 0.0, time.perf_counter() - start, result.final_digest)
 
 
-def verdict(ratio: float, target: float) -> str:
-    return f"target <= {target:.2f}x: {'MET' if ratio <= target else 'MISSED'}"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="100 steps and 3 repeats")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 7)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 300)")
+    parser = training_parser(__doc__)
     parser.add_argument("--digest-every", type=int, default=1,
                         help="the loop's own per-step digests in every variant (default 1, 0 = off)")
     args = parser.parse_args()
-    repeats: int = args.repeats if args.repeats is not None else (3 if args.quick else 7)
-    steps: int = args.steps if args.steps is not None else (100 if args.quick else 300)
+    repeats, steps = repeats_and_steps(args)
     torch.set_num_threads(THREADS)
     config = TrainConfig(dataset="digits", model="cnn", optimizer="sgd", batch_size=64, steps=steps,
                          seed=0, threads=THREADS, digest_every=args.digest_every)
