@@ -270,3 +270,32 @@ def test_trace_is_the_same_whether_the_loop_took_digests_or_not() -> None:
     train(TINY, callbacks=(reused,), progress=False)
     train(TINY.replace(digest_every=0), callbacks=(own,), progress=False)
     pd.testing.assert_frame_equal(reused.frame(), own.frame())
+
+
+def test_trace_explorer_redraws_for_the_picked_tensor_and_is_a_note_when_headless(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Picking a tensor, α or step range redraws the figure for exactly those rows; under
+    ``reprokit report`` (headless) the explorer is a note, not widgets."""
+    from reprokit.display import HEADLESS_ENV
+    from reprokit.trace_plots import trace_explorer
+
+    tracer = Tracer()
+    train(TINY, callbacks=(tracer,), progress=False)
+    trace = tracer.frame()
+    monkeypatch.delenv(HEADLESS_ENV, raising=False)
+    shown: list[matplotlib.figure.Figure] = []
+    monkeypatch.setattr("IPython.display.display", lambda obj, *a, **k: shown.append(obj))
+    box = trace_explorer(trace, importance(trace))
+    pick, alpha, span = box.children[0].children
+    assert pick.options[0] == MODEL and "0.weight" in pick.options
+    pick.value, alpha.value, span.value = "0.weight", 1.0, (3, 5)
+    ax = shown[-1].axes[0]
+    assert ax.get_title() == "0.weight: α = 1, snip"
+    steps = {float(x) for line in ax.get_lines() for x in line.get_xdata()}
+    assert steps == {3.0, 4.0, 5.0}
+    change = dict(zip(*ax.get_lines()[0].get_data(), strict=True))
+    expected = traceability_score(trace, importance(trace), 1.0).set_index(["tensor", "step"])
+    assert change[4.0] == pytest.approx(expected.loc[("0.weight", 4), "change"])
+    monkeypatch.setenv(HEADLESS_ENV, "1")
+    assert "Interactive explorer" in trace_explorer(trace, importance(trace)).data
