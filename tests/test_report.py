@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from reprokit.cli import main
 from reprokit.display import HEADLESS_ENV, HEADLINE_MIME, explorer
 from reprokit.errors import ReportError
-from reprokit.report import WIDGET_MIME, check_parameters, load_profile, run_report
+from reprokit.report import WIDGET_MIME, check_parameters, load_profile, run_report, share_cores
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
@@ -176,3 +177,16 @@ def test_papermill_sees_every_parameter_the_cell_assigns(notebook: Path) -> None
     assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
                 for t in node.targets if isinstance(t, ast.Name)}
     assert set(papermill.inspect_notebook(str(notebook))) == assigned
+
+
+def test_notebooks_run_side_by_side_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --jobs 2 on 2 cores a notebook that trains in its own processes gets jobs=1; alone, or
+    on 8 cores, it keeps what it asked for; a notebook without a jobs parameter is left alone."""
+    notebook = Path(__file__).parent.parent / "notebooks" / "01_seed_determinism.ipynb"
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert share_cores(notebook, {"jobs": 2, "steps": 5}, 2) == {"jobs": 1, "steps": 5}
+    assert share_cores(notebook, {}, 2) == {"jobs": 1}
+    assert share_cores(notebook, {"jobs": 2}, 1) == {"jobs": 2}
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert share_cores(notebook, {"jobs": 2}, 2) == {"jobs": 2}
+    assert share_cores(FIXTURES / "01_ok.ipynb", {}, 2) == {}
