@@ -32,6 +32,7 @@ import yaml
 
 from reprokit.display import HEADLESS_ENV, HEADLINE_MIME, WIDGET_NOTE, format_value
 from reprokit.errors import ReportError
+from reprokit.rundir import atomic_write_bytes
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 PROFILES_FILE = "profiles.yaml"
@@ -322,9 +323,7 @@ def _static_widgets(nb: Any) -> None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 def _write_index(out: Path, profile: str, runs: list[NotebookRun]) -> None:
