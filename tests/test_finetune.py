@@ -253,3 +253,29 @@ def test_torchvision_imagenet_layout_resnet18_loads_with_an_adapted_stem(tmp_pat
     torch.save(source, tmp_path / "bad.pth")
     with pytest.raises(LineageError, match=r"layer2\.0\.conv1\.weight \(parent \S+ \[128, 32, 3, 3\]"):
         build_session(config.replace(init_from=str(tmp_path / "bad.pth")))
+
+
+def test_resnet18_two_stage_fine_tune_trains_the_head_then_everything(tmp_path: Path) -> None:
+    """resnet18 from a torchvision-layout file: a real two-stage run moves only the head before the
+    unfreeze step and the backbone after it, and records the file's digest as its parent."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(5)
+    source = resnet18(weights=None).state_dict()
+    torch.save(source, tmp_path / "resnet18.pth")
+    config = TrainConfig(dataset="digits_5_9", model="resnet18", steps=4, batch_size=8, threads=1,
+                         init_from=str(tmp_path / "resnet18.pth"), finetune="two_stage", unfreeze_at=2)
+    start = build_session(config).model.state_dict()
+
+    class AtStep2(Callback):
+        def on_step_end(self, state: TrainState) -> None:
+            if state.step == 2:  # steps 1 and 2 trained the head alone
+                self.state = {k: v.clone() for k, v in state.model.state_dict().items()}
+
+    seen = AtStep2()
+    result = train(config, tmp_path / "run", callbacks=(seen,), progress=False)
+    assert torch.equal(seen.state["layer1.0.conv1.weight"], start["layer1.0.conv1.weight"])
+    assert not torch.equal(seen.state["fc.weight"], start["fc.weight"])
+    assert not torch.equal(result.final_state["layer1.0.conv1.weight"], start["layer1.0.conv1.weight"])
+    parent = read_json(tmp_path / "run", "manifest.json")["lineage"]["parent"]
+    assert parent["digest"] == model_digest(source)
