@@ -26,7 +26,7 @@ from reprokit.config import TrainConfig
 from reprokit.data import load_dataset
 from reprokit.errors import ConfigError
 from reprokit.finetune import set_trainable, unfreeze_step
-from reprokit.models import STRATEGIES, build_model
+from reprokit.models import STRATEGIES, build_model, count_parameters
 from reprokit.rundir import read_metrics
 from reprokit.train import show_progress, train
 
@@ -79,8 +79,8 @@ def trainable_parameters(config: TrainConfig, total_steps: int) -> tuple[int, in
         if config.init_from is not None:
             unfreeze_step(config, total_steps)  # the same checks the run made
             set_trainable(model, config, step, total_steps)
-        counts.append(sum(p.numel() for p in model.parameters() if p.requires_grad))
-    return counts[0], counts[1], sum(p.numel() for p in model.parameters())
+        counts.append(count_parameters(model, trainable_only=True))
+    return counts[0], counts[1], count_parameters(model)
 
 
 def transfer_summary(study: pd.DataFrame) -> pd.DataFrame:
