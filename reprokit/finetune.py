@@ -230,14 +230,20 @@ def prepare(
 
 
 class Freezer(Callback):
-    """Applies :func:`set_trainable` when the loop starts (fresh or resumed) and after every step;
-    it keeps no state, so a checkpoint needs nothing from it."""
+    """Applies :func:`set_trainable` when the loop starts (fresh or resumed) and again after the
+    step at which the backbone unfreezes, the only step that changes it; its state follows from
+    (config, step), so a checkpoint needs nothing from it."""
+
+    def __init__(self) -> None:
+        self._unfreeze: int | None = None
 
     def on_train_start(self, state: TrainState) -> None:
+        self._unfreeze = unfreeze_step(state.config, state.total_steps)
         set_trainable(state.model, state.config, state.step, state.total_steps)
 
     def on_step_end(self, state: TrainState) -> None:
-        set_trainable(state.model, state.config, state.step, state.total_steps)
+        if state.step == self._unfreeze:
+            set_trainable(state.model, state.config, state.step, state.total_steps)
 
 
 def finetune_callbacks(config: TrainConfig) -> tuple[Callback, ...]:
