@@ -6,9 +6,10 @@ interleaved, repeated; medians are reported.
 
 - bare save:    ``torch.save(state, path)`` (no fsync, no digest, no rename; torch's default CRC32)
 - bare+fsync:   the same plus ``os.fsync``: what durability alone costs
-- reprokit save: snapshot (RNG capture, model digest), stream to a temp dir with digests (torch's
-  CRC32 off: the xxh3-128 supersedes it) while starting disk writeback, fsync files and
-  directories, contents.json, rename, ``latest`` pointer, re-read and verify, prune
+- reprokit save: snapshot (RNG capture, model digest), stream ``state.pt`` to a temp dir with
+  direct I/O (O_DIRECT from aligned staging buffers; torch's CRC32 off: the xxh3-128 supersedes
+  it), read every chunk back from the disk and compare it, fsync, contents.json, rename,
+  ``latest`` pointer, fsync the directories, prune
 - async blocked: how long the training thread waits for a save with ``async_save``: the
   ``Checkpointer.save`` call (copy of the forward-mutated tensors) plus the wait in
   ``before_update`` for the background copy of weights and optimizer state
@@ -16,7 +17,9 @@ interleaved, repeated; medians are reported.
   around it: the above plus the CPU the background copy and write take from the step (nothing
   on an idle core, much on a loaded 2-core machine)
 - train step:   that plain step (resnet18, batch 32, forward, backward, Adam)
-- bare load / reprokit load: ``torch.load(weights_only=True)`` vs verify digests + load
+- bare load / reprokit load: ``torch.load(weights_only=True)`` vs verify digests + load, both
+  from a cold page cache (as after a reboot): a direct-written checkpoint is never in the page
+  cache, so a warm bare load would compare a disk read with a memory copy
 - resume latency: ``reprokit.resume`` from call to first step (rebuild, verify, load, restore)
 
 Targets: reprokit save <= 1.15x bare save; async blocked <= 10% of a synchronous reprokit save;
@@ -116,6 +119,19 @@ def bare_save(state: Any, path: Path, fsync: bool) -> None:
             os.fsync(f.fileno())
 
 
+def cold(*paths: Path) -> Path:
+    """Drop the files' pages from the page cache (after making them durable: dirty pages stay)."""
+    for path in paths:
+        for f in ([path] if path.is_file() else sorted(path.iterdir())):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    return paths[0]
+
+
 def save_then_step(background: Checkpointer, snapshot: Callable[[], Snapshot],
                    train_step: Callable[[Checkpointer | None], None]) -> None:
     background.save(snapshot)
@@ -165,9 +181,8 @@ def main() -> None:
             after = timed(train_step)
             times["async slowdown"].append(with_save - (before + after) / 2)
             times["train step"].append((before + after) / 2)
-            times["bare load"].append(timed(torch.load, path, weights_only=True))
-            newest = list_checkpoints(work / "sync")[0]
-            times["reprokit load"].append(timed(read_checkpoint, newest))
+            times["bare load"].append(timed(torch.load, cold(path), weights_only=True))
+            times["reprokit load"].append(timed(read_checkpoint, cold(list_checkpoints(work / "sync")[0])))
             path.unlink()
             if rep < 3:  # a full train + resume each: three are enough for a median
                 times["resume latency"].append(resume_latency(work))

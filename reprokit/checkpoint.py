@@ -6,9 +6,11 @@
     RUN_DIR/checkpoints/latest                      name of the newest committed checkpoint
 
 Commit protocol: write into ``.tmp-step-...`` next to the target with ``contents.json`` (size and
-digest of every file, computed while writing; disk writeback starts while writing, see
-:mod:`reprokit.fsio`) and the new ``latest`` into a temporary file; read the files back and check
-them against it while fsyncing them, fsync the directory, rename it into place, rename the pointer
+digest of every file, computed while writing) and the new ``latest`` into a temporary file.
+``state.pt`` goes to the disk directly and every chunk is read back from it while later ones are
+written (:mod:`reprokit.directio`; where the file system refuses direct I/O: through the page cache
+with early writeback, :mod:`reprokit.fsio`); read the other files back and check them while
+fsyncing them, fsync the directory, rename it into place, rename the pointer
 over ``latest``, fsync the parent. Older checkpoints are pruned only after that. A kill at any
 moment leaves either no ``step-...`` directory or a complete one, so readers never trust ``latest``
 alone: they scan the directories and take the newest that verifies.
@@ -34,8 +36,9 @@ import torch
 
 from reprokit.config import config_differences
 from reprokit.digests import model_digest
+from reprokit.directio import ReadBackError
 from reprokit.errors import ReprokitError
-from reprokit.fsio import HashingWriter, file_digest, fsync_files, write_hashed
+from reprokit.fsio import file_digest, fsync_files, open_state_writer, write_hashed
 from reprokit.rundir import _fsync_dir
 
 CHECKPOINTS = "checkpoints"
@@ -110,9 +113,7 @@ def write_checkpoint(run_dir: str | Path, snap: Snapshot, *, crash_midway: bool 
     """
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    weights = snap.state[MODEL_KEY]
-    meta = replace(snap.meta, model_digest=model_digest(weights), architecture=architecture(weights))
-    name = checkpoint_name(meta.step)
+    name = checkpoint_name(snap.meta.step)
     tmp = root / f"{TMP_PREFIX}{name}-{os.getpid()}-{threading.get_ident()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -122,21 +123,33 @@ def write_checkpoint(run_dir: str | Path, snap: Snapshot, *, crash_midway: bool 
         # state.pt is streamed through a hashing writer: no second copy in memory. torch's own
         # CRC32 per record is off: the xxh3-128 of the whole file checked on every load supersedes it
         kill_after = _nbytes(snap.state) // 2 if crash_midway else None
-        with open(tmp / STATE_FILE, "wb") as f, _without_torch_crc32():
-            writer = HashingWriter(f, kill_after)
-            torch.save(snap.state, cast(IO[bytes], writer))
-        contents = {STATE_FILE: writer.record()}
+        writer = open_state_writer(tmp / STATE_FILE, kill_after)
+        try:
+            with _without_torch_crc32():
+                torch.save(snap.state, cast(IO[bytes], writer))
+        except BaseException:
+            writer.abort()
+            raise
+        # the model digest is taken while a direct writer's last chunks reach the disk
+        weights = snap.state[MODEL_KEY]
+        meta = replace(snap.meta, model_digest=model_digest(weights), architecture=architecture(weights))
+        try:
+            contents = {STATE_FILE: writer.close()}
+        except ReadBackError as e:
+            raise CheckpointError(str(e)) from e
         contents[META_FILE] = write_hashed(
             tmp / META_FILE, (json.dumps(meta.to_dict(), indent=1, sort_keys=True) + "\n").encode())
         (tmp / CONTENTS_FILE).write_bytes(json.dumps({"files": contents}, indent=1, sort_keys=True).encode())
         # the new pointer, written now so that one fsync batch and one journal commit cover it too
         pointer.write_bytes(f"{name}\n".encode())
-        # make the files durable while reading them back to verify: the disk and the CPU work at once
-        files = [tmp / n for n in (STATE_FILE, META_FILE, CONTENTS_FILE)] + [pointer]
+        # make the files durable while reading them back to verify: the disk and the CPU work at once.
+        # A direct-written state.pt is durable and was checked against the disk already
+        done = {STATE_FILE} if writer.verified else set()
+        files = [tmp / n for n in (STATE_FILE, META_FILE, CONTENTS_FILE) if n not in done] + [pointer]
         durable = threading.Thread(target=fsync_files, args=(files,))
         durable.start()
         try:
-            _verified_files(tmp)  # what reached the page cache is what was meant, before it counts
+            _verified_files(tmp, read_back=done)  # what reached the disk is what was meant
         finally:
             durable.join()
         _fsync_dir(tmp)
@@ -207,7 +220,9 @@ def read_checkpoint(path: str | Path) -> tuple[CheckpointMeta, dict[str, Any]]:
     return meta, state
 
 
-def _verified_files(path: Path) -> None:
+def _verified_files(path: Path, *, read_back: set[str] | None = None) -> None:
+    """Check every file contents.json lists; those in ``read_back`` (already checked against the
+    disk by their writer) only for their size."""
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     contents_path = path / CONTENTS_FILE
@@ -227,7 +242,7 @@ def _verified_files(path: Path) -> None:
         size = fpath.stat().st_size
         if size != expect["bytes"]:
             raise CheckpointError(f"{fpath}: truncated or extended: {size} bytes, {expect['bytes']} recorded")
-        if file_digest(fpath, size) != expect["xxh3_128"]:
+        if fname not in (read_back or ()) and file_digest(fpath, size) != expect["xxh3_128"]:
             raise CheckpointError(f"{fpath}: content digest does not match contents.json (corrupted)")
 
 

@@ -1,17 +1,20 @@
 """Low-level file I/O for checkpoints: hash while writing, start disk writeback early, fsync, digest.
 
-Why writeback is started early: a bare ``write`` only fills the page cache, and the final ``fsync``
-then waits for the whole file to reach the disk. Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``
-queues each chunk for writeback as soon as it is written, so the disk works while the serializer
-still runs and the final ``fsync`` (kept: it is what makes the file durable, including its
-metadata) finds little left to do. See sync_file_range(2); elsewhere it is simply skipped.
+Large files (``state.pt``) go through :func:`open_state_writer`: direct I/O with a read-back check
+(:mod:`reprokit.directio`) where the file system allows it, else the buffered writer below.
+
+Why the buffered writer starts writeback early: a bare ``write`` only fills the page cache, and
+the final ``fsync`` then waits for the whole file to reach the disk. Linux
+``sync_file_range(SYNC_FILE_RANGE_WRITE)`` queues each chunk for writeback as soon as it is
+written, so the disk works while the serializer still runs and the final ``fsync`` (kept: it is
+what makes the file durable, including its metadata) finds little left to do.
+See sync_file_range(2); elsewhere it is simply skipped.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import io
 import mmap
 import os
 import sys
@@ -21,6 +24,7 @@ from typing import Any
 
 import xxhash
 
+from reprokit.directio import DirectWriter, open_direct
 from reprokit.faults import kill_self
 
 WRITEBACK_CHUNK = 8 << 20  # bytes written between writeback kicks: big enough to be cheap, small to overlap
@@ -55,15 +59,18 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
 
 
 class HashingWriter:
-    """File wrapper that digests what passes through and starts its writeback every few MB.
+    """Buffered file writer that digests what passes through and starts its writeback every few MB.
 
-    ``torch.save`` hands it memoryviews of the tensors' own memory, so nothing is copied before
-    the write. ``kill_after`` (fault injection) SIGKILLs the process once that many bytes are
-    written and fsynced.
+    The fallback where O_DIRECT is refused (see :func:`open_state_writer`). ``torch.save`` hands
+    it memoryviews of the tensors' own memory, so nothing is copied before the write.
+    ``kill_after`` (fault injection) SIGKILLs the process once that many bytes are written and
+    fsynced. The file is not fsynced by :meth:`close`, nor read back: the caller does both.
     """
 
-    def __init__(self, f: io.BufferedWriter, kill_after: int | None = None) -> None:
-        self.f, self.kill_after = f, kill_after
+    verified = False  # close() has not read the file back
+
+    def __init__(self, path: Path, kill_after: int | None = None) -> None:
+        self.f, self.kill_after = open(path, "wb"), kill_after  # noqa: SIM115 - closed by close()/abort()
         self.hash, self.size, self._kicked = xxhash.xxh3_128(), 0, 0
 
     def write(self, data: bytes | memoryview) -> int:
@@ -84,8 +91,20 @@ class HashingWriter:
     def flush(self) -> None:
         self.f.flush()
 
-    def record(self) -> dict[str, Any]:
+    def close(self) -> dict[str, Any]:
+        """Close the file and return its contents record (size and digest)."""
+        self.f.close()
         return {"bytes": self.size, "xxh3_128": self.hash.hexdigest()}
+
+    def abort(self) -> None:
+        self.f.close()
+
+
+def open_state_writer(path: Path, kill_after: int | None = None) -> DirectWriter | HashingWriter:
+    """A writer for a large new file: direct, durable and read back on ``close()`` where the file
+    system allows O_DIRECT (``verified`` True), else buffered (the caller fsyncs and verifies)."""
+    fd = open_direct(path)
+    return HashingWriter(path, kill_after) if fd is None else DirectWriter(fd, path, kill_after)
 
 
 def write_hashed(path: Path, data: bytes) -> dict[str, Any]:

@@ -140,7 +140,7 @@ def test_prune_never_deletes_the_only_valid_checkpoint(
     first = list_checkpoints(tmp_path)
     assert [p.name for p in first] == ["step-0000008"]
 
-    def broken(path: Path) -> None:
+    def broken(path: Path, **kwargs: object) -> None:
         raise CheckpointError(f"{path}: simulated bad disk")
 
     monkeypatch.setattr("reprokit.checkpoint._verified_files", broken)

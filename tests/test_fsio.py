@@ -13,10 +13,9 @@ from reprokit import fsio
 
 def _write(path: Path) -> dict[str, object]:
     state = {"a": torch.arange(3_000_000, dtype=torch.float32), "b": torch.ones(5)}  # 12 MB: crosses a kick
-    with open(path, "wb") as f:
-        writer = fsio.HashingWriter(f)
-        torch.save(state, writer)
-    return writer.record()
+    writer = fsio.HashingWriter(path)
+    torch.save(state, writer)
+    return writer.close()
 
 
 def test_hashing_writer_records_the_bytes_on_disk(tmp_path: Path) -> None:
