@@ -97,7 +97,7 @@ def test_a_byte_the_disk_returns_wrong_fails_the_save_and_commits_nothing(
     monkeypatch.setattr(directio.os, "preadv", flaky_disk)
     with pytest.raises(CheckpointError, match=r"state\.pt: the bytes read back from the disk differ"):
         write_checkpoint(tmp_path, _snapshot(2))
-    assert len(calls) > 3  # chunk by chunk
+    assert len(calls) > 3  # the whole file, chunk by chunk
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000001"]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")] == []
 
@@ -118,7 +118,7 @@ def test_a_write_error_reaches_the_caller_and_commits_nothing(
         write_checkpoint(tmp_path, _snapshot(1))
     assert list(os.scandir(tmp_path / "checkpoints")) == []
     alive = [t.name for t in threading.enumerate() if t.name.startswith("reprokit_")]
-    assert alive == []  # the writer and verifier threads ended
+    assert alive == []  # the writer thread ended
 
 
 def test_concurrent_direct_saves_share_the_buffer_pool_safely(tmp_path: Path) -> None:
