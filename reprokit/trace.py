@@ -7,11 +7,11 @@
 The row ``step = t`` describes optimizer step t: Δθ = θ_t − θ_{t−1} and g = the gradient that step
 used, evaluated at θ_{t−1}. That is the essay's |θ_{t+1} − θ_t|₁ / |θ_t|₁ labelled by the step that
 made the change. With ``every=k`` only steps k, 2k, ... are traced, and the parameters are copied
-only right before a traced step, so Δθ is still one step's change. A traced step costs a few passes
-over flat copies of the parameters and gradients and one host transfer, not a handful of small
-ops per tensor (each op's dispatch costs more than the arithmetic of most tensors); the price is
-memory: 11 numbers per parameter while tracing. trace.csv keeps 9 significant digits (the sums are
-float32, good to ~7); :meth:`Tracer.frame` has the full doubles.
+only right before a traced step, so Δθ is still one step's change. A traced step costs a dozen ops
+over flat copies of the parameters and gradients and one host transfer (``reprokit.flatsums``), not
+a handful of small ops per tensor (each op's dispatch costs more than the arithmetic of most
+tensors); the price is memory: 11 numbers per parameter while tracing. trace.csv keeps 9
+significant digits (the sums are float32, good to ~7); :meth:`Tracer.frame` has the full doubles.
 
 Zero denominators: a tensor that is exactly zero (a zero-initialised bias) has |θ|₁ = 0, so its
 change rate and update ratio are 0 when it did not move and ``inf`` when it did (any move away
@@ -24,13 +24,13 @@ from __future__ import annotations
 import csv
 import functools
 import io
-import itertools
 import math
+import operator
 import os
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pandas as pd
 import torch
@@ -39,6 +39,7 @@ import xxhash
 from reprokit.callbacks import Callback, TrainState
 from reprokit.digests import tensor_digest
 from reprokit.errors import ReprokitError
+from reprokit.flatsums import FlatSums
 from reprokit.rundir import atomic_write_bytes
 
 TRACE = "trace.csv"
@@ -49,7 +50,8 @@ IMPORTANCE_METHODS = ("snip", "fisher", "uniform")
 # the change rate that scores 0.5: CS231n's rule of thumb for a healthy update-to-weight ratio
 CHANGE_SCALE = 1e-3
 MODEL = "(model)"  # the ``tensor`` value of the whole-model rows of a score frame
-_ROW = "%d,%s%.9g,%.9g,%.9g,%.9g,%.9g,%.9g,%s\n"  # step, "tensor,numel,", six floats, digest
+# a row: step, the tensor's "tensor,numel," (CSV-quoted, in place of {}), six floats, digest
+_ROW = "%d,{}%.9g,%.9g,%.9g,%.9g,%.9g,%.9g,%s\n"
 
 
 class TraceError(ReprokitError, ValueError):
@@ -80,18 +82,17 @@ class Tracer(Callback):
         self._names: list[str] = []
         self._params: list[torch.Tensor] = []
         self._sizes: list[int] = []
-        self._flat: list[torch.Tensor] = []
-        # flat buffers θ_{t−1}, θ_t, g and one row per summed quantity: 11 numbers per parameter
-        self._prev = self._cur = self._grad = self._work = torch.empty(0)
-        # |θ_{t−1}|₁ and ‖θ_{t−1}‖₂² per tensor; None: sum them with the traced step's rows
+        self._flat: FlatSums | None = None
+        self._turn = 0  # the turn of _flat whose θ_t row the next traced step fills
+        # |θ_{t−1}|₁ and ‖θ_{t−1}‖₂² per tensor (None: sum them in the traced step); θ_t's once traced
         self._prev_norms: list[list[float]] | None = None
-        self._cur_norms: list[list[float]] = []  # the same for θ_t, once traced
+        self._cur_norms: list[list[float]] = []
         self._traced_step = -1
         self._headers: list[tuple[bytes, int, int]] | None = None
         self._resume_bytes: int | None = None
-        self._file: IO[str] | None = None
+        self._file: io.FileIO | None = None
         self._close: weakref.finalize[..., Any] | None = None
-        self._prefixes: list[str] = []  # "tensor,numel," of each row, CSV-quoted once
+        self._formats: list[str] = []  # _ROW with each tensor's "tensor,numel," CSV-quoted once
 
     def on_train_start(self, state: TrainState) -> None:
         named = list(state.model.named_parameters())
@@ -100,26 +101,24 @@ class Tracer(Callback):
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
         self._sizes = [p.numel() for p in self._params]
-        # flat views share the parameters' storage, which optimizers update in place
-        self._flat = [p.detach().view(-1) for p in self._params if p.is_contiguous()]
         dtype = functools.reduce(torch.promote_types, (p.dtype for p in self._params))
-        device, n = self._params[0].device, sum(self._sizes)
-        self._prev, self._cur, self._grad = (torch.empty(n, dtype=dtype, device=device) for _ in range(3))
-        self._work = torch.empty(8, n, dtype=dtype, device=device)
-        self._rows, self._traced_step = [], -1
+        self._flat = FlatSums(self._params, dtype)
+        self._rows, self._traced_step, self._turn, self._prev_norms = [], -1, 0, None
         restored, self._restored = self._restored, None
         fresh = [[0.0] * len(named), [0.0] * len(named)]
         self._totals = fresh if restored is None else restored.get("totals")
         self._traced = int(restored.get("traced", 0)) if restored else 0
         self._headers = None
-        if device.type == "cpu" and all(p.dtype == dtype for p in self._params):
+        if self._params[0].device.type == "cpu" and all(p.dtype == dtype for p in self._params):
             # the framing tensor_digest hashes before a tensor's bytes, and where they lie in the copy
-            ends = [dtype.itemsize * e for e in itertools.accumulate(self._sizes)]
-            self._headers = [(f"{name}\0{p.dtype}\0{tuple(p.shape)}\0".encode(), end - p.nbytes, end)
-                             for name, p, end in zip(self._names, self._params, ends, strict=True)]
+            starts = self._flat.starts[:-1]
+            self._headers = [(f"{name}\0{p.dtype}\0{tuple(p.shape)}\0".encode(), dtype.itemsize * start,
+                              dtype.itemsize * start + p.nbytes)
+                             for name, p, start in zip(self._names, self._params, starts, strict=True)]
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(zip(self._names, self._sizes, strict=True))
-        self._prefixes = [line + "," for line in buffer.getvalue().splitlines()]
+        self._formats = [_ROW.replace("{}", line.replace("%", "%%") + ",")
+                         for line in buffer.getvalue().splitlines()]
         if self.run_dir is not None:
             self._start_file(self.run_dir / TRACE)
         self._snapshot_if_due(state.step)
@@ -150,7 +149,6 @@ class Tracer(Callback):
         the importance totals so far."""
         if self._file is None:
             return None
-        self._file.flush()
         os.fsync(self._file.fileno())
         return {"trace_bytes": self._file.tell(), "totals": self._totals, "traced": self._traced}
 
@@ -173,83 +171,62 @@ class Tracer(Callback):
             self._resume_bytes = None
         else:
             path.write_text(",".join(TRACE_COLUMNS) + "\n")
-        self._file = open(path, "a", newline="")  # noqa: SIM115 - closed by on_train_end or finalizer
+        # unbuffered: a traced step's rows go to the OS in one write, no flush needed
+        self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by on_train_end or finalizer
         # closed when the tracer is collected, too: a run that raised never reaches on_train_end
         self._close = weakref.finalize(self, self._file.close)
 
-    def _snapshot_if_due(self, step: int) -> None:  # the flat views are detached: no autograd here
+    def _snapshot_if_due(self, step: int) -> None:
         if (step + 1) % self.every:
             return
         if self._traced_step == step:  # every=1: θ_t and its norms are at hand from _trace
-            self._prev, self._cur = self._cur, self._prev
             self._prev_norms = self._cur_norms
-        else:
-            torch.cat(self._flat_params(), out=self._prev)
+        else:  # θ_{t−1} goes where the next traced step looks for it
+            assert self._flat is not None
+            self._flat.copy(self._flat.turns[1 - self._turn])
             self._prev_norms = None
 
-    def _flat_params(self) -> list[torch.Tensor]:
-        if len(self._flat) == len(self._params):
-            return self._flat
-        return [p.detach().reshape(-1) for p in self._params]  # e.g. channels_last: no flat view
-
-    @torch.no_grad()  # gradients require grad after backward(create_graph=True)
     def _trace(self, step: int, known: dict[str, str] | None = None) -> None:
-        # a few whole-model passes over flat copies: per-tensor ops would cost a dispatch each
-        prev, cur, grad, w = self._prev, self._cur, self._grad, self._work
-        torch.cat(self._flat_params(), out=cur)
-        # no gradient (a frozen tensor) counts as a zero gradient: zero saliency and Fisher
-        torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self._params],
-                  out=grad)
-        torch.sub(cur, prev, out=w[0])
-        torch.mul(w[0], w[0], out=w[1])
-        w[0].abs_()
-        torch.mul(grad, grad, out=w[2])
-        torch.mul(grad, prev, out=w[3]).abs_()
-        torch.abs(cur, out=w[4])
-        torch.mul(cur, cur, out=w[5])
+        flat = self._flat
+        assert flat is not None
+        turn = flat.turns[self._turn]
         if self._prev_norms is None:
-            torch.abs(prev, out=w[6])
-            torch.mul(prev, prev, out=w[7])
-        sums = self._sums(w if self._prev_norms is None else w[:6])
-        d1, d2, g2, sal, c1, c2 = sums[:6]
-        p1, p2 = sums[6:] if self._prev_norms is None else self._prev_norms
+            self._prev_norms = flat.norms(flat.turns[1 - self._turn])
+        sal, d1, c1, d2, c2, g2 = flat.sums(turn)
+        p1, p2 = self._prev_norms
         self._cur_norms, self._traced_step = [c1, c2], step
         if self._totals is not None:
-            snip, fisher = self._totals
-            for i in range(len(snip)):
-                snip[i] += sal[i]
-                fisher[i] += g2[i]
+            self._totals = [list(map(operator.add, self._totals[0], sal)),
+                            list(map(operator.add, self._totals[1], g2))]
         self._traced += 1
         # the loop's own digests of this step, when it took them: the same tensor_digest values
         digests = [known[n] for n in self._names] if known and all(n in known for n in self._names) \
-            else self._digests()
-        rows = [(step, name, size, _ratio(d1[i], p1[i]), _ratio(math.sqrt(d2[i]), math.sqrt(p2[i])),
-                 math.sqrt(g2[i]), sal[i], d1[i], math.sqrt(c2[i]), digests[i])
-                for i, (name, size) in enumerate(zip(self._names, self._sizes, strict=True))]
-        self._rows.extend(rows)
-        if self._file is not None:  # %.9g: float32 sums carry ~7 digits, and repr is 3x slower
-            self._file.write("".join(_ROW % (step, prefix, *row[3:]) for prefix, row in zip(
-                self._prefixes, rows, strict=True)))
-            self._file.flush()
+            else self._digests(turn.theta)
+        self._turn = 1 - self._turn  # θ_t is θ_{t−1} of the next step
+        lines, sqrt = [], math.sqrt  # %.9g: float32 sums carry ~7 digits, and repr is 3x slower
+        for name, size, line, moved, moved2, grad2, saliency, norm2, before, before2, digest in zip(
+                self._names, self._sizes, self._formats, d1, d2, g2, sal, c2, p1, p2, digests, strict=True):
+            row = (step, name, size, _ratio(moved, before), _ratio(sqrt(moved2), sqrt(before2)), sqrt(grad2),
+                   saliency, moved, sqrt(norm2), digest)
+            self._rows.append(row)
+            lines.append(line % (step, *row[3:]))
+        if self._file is not None:
+            data = memoryview("".join(lines).encode())
+            while data:  # a write may take part of the data only
+                data = data[self._file.write(data):]
 
-    def _digests(self) -> list[str]:
+    def _digests(self, theta: torch.Tensor) -> list[str]:
         """``tensor_digest`` of every parameter at θ_t, hashed straight from the flat copy's bytes
         (a tensor_digest call costs more in torch overhead than in hashing)."""
         if self._headers is None:  # mixed dtypes or not on the CPU: the flat copy's bytes differ
             return [tensor_digest(name, p) for name, p in zip(self._names, self._params, strict=True)]
-        data = self._cur.view(torch.uint8).numpy()
+        data = theta.view(torch.uint8).numpy()
         digests = []
         for header, start, end in self._headers:
             h = xxhash.xxh3_128(header)
             h.update(data[start:end].data)
             digests.append(h.hexdigest())
         return digests
-
-    def _sums(self, rows: torch.Tensor) -> list[list[float]]:
-        """Per-tensor sums of each row of flat values: one host transfer."""
-        per_tensor = torch.stack([chunk.sum(dim=1) for chunk in rows.split(self._sizes, dim=1)], dim=1)
-        sums: list[list[float]] = per_tensor.double().tolist()
-        return sums
 
 
 def _ratio(num: float, den: float) -> float:
