@@ -6,9 +6,9 @@ interleaved, repeated; medians are reported.
 
 - bare save:    ``torch.save(state, path)`` (no fsync, no digest, no rename; torch's default CRC32)
 - bare+fsync:   the same plus ``os.fsync``: what durability alone costs
-- reprokit save: snapshot (RNG capture, model digest), stream ``state.pt`` to a temp dir with
-  direct I/O (O_DIRECT from aligned staging buffers; torch's CRC32 off: the xxh3-128 supersedes
-  it), read every chunk back from the disk and compare it, fsync, contents.json, rename,
+- reprokit save: snapshot (RNG capture, model digest), stream the tensors as safetensors to a temp
+  dir with direct I/O (O_DIRECT from aligned staging buffers), read the file back from the disk
+  and compare digests, pickle the rest into a small ``state.pt``, fsync, contents.json, rename,
   ``latest`` pointer, fsync the directories, prune
 - async blocked: how long the training thread waits for a save with ``async_save``: the
   ``Checkpointer.save`` call (copy of the forward-mutated tensors) plus the wait in

@@ -1,39 +1,42 @@
 """Checkpoints: full training state, committed atomically, verified on every load.
 
-    RUN_DIR/checkpoints/step-0000060/state.pt       tensors and plain values (torch.load weights_only)
-    RUN_DIR/checkpoints/step-0000060/meta.json      step, epoch, batch, config, digests, architecture
-    RUN_DIR/checkpoints/step-0000060/contents.json  size and xxh3-128 of the two files above
+    RUN_DIR/checkpoints/step-0000060/tensors.safetensors  every tensor of the state
+    RUN_DIR/checkpoints/step-0000060/state.pt        the rest, tensors as placeholders (weights_only)
+    RUN_DIR/checkpoints/step-0000060/meta.json       step, epoch, batch, config, digests, architecture
+    RUN_DIR/checkpoints/step-0000060/contents.json   size and xxh3-128 of the files above
     RUN_DIR/checkpoints/latest                      name of the newest committed checkpoint
 
 Commit protocol: write into ``.tmp-step-...`` next to the target with ``contents.json`` (size and
 digest of every file, computed while writing) and the new ``latest`` into a temporary file.
-``state.pt`` goes to the disk directly and every chunk is read back from it while later ones are
-written (:mod:`reprokit.directio`; where the file system refuses direct I/O: through the page cache
-with early writeback, :mod:`reprokit.fsio`); read the other files back and check them while
-fsyncing them, fsync the directory, rename it into place, rename the pointer
+The tensors go to the disk first, directly, and are read back from it (:mod:`reprokit.tensorfile`,
+:mod:`reprokit.directio`; where the file system refuses direct I/O: through the page cache with
+early writeback, :mod:`reprokit.fsio`); read the other files back and check them while fsyncing
+them, fsync the directory, rename it into place, rename the pointer
 over ``latest``, fsync the parent. Older checkpoints are pruned only after that. A kill at any
 moment leaves either no ``step-...`` directory or a complete one, so readers never trust ``latest``
 alone: they scan the directories and take the newest that verifies.
-Loading never unpickles arbitrary objects: ``state.pt`` goes through ``torch.load(weights_only=True)``
-and everything else is JSON.
+Loading never unpickles arbitrary objects: ``state.pt`` goes through ``torch.load(weights_only=True)``,
+the tensors through safetensors, and everything else is JSON. Checkpoints of format 1 (every
+tensor inside ``state.pt``, no tensors file) still load.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
 import shutil
 import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import Any, cast
 
 import pandas as pd
 import torch
 
+from reprokit import tensorfile
 from reprokit.config import config_differences
 from reprokit.digests import model_digest
 from reprokit.directio import ReadBackError
@@ -44,12 +47,13 @@ from reprokit.rundir import _fsync_dir
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "state.pt"
+TENSORS_FILE = "tensors.safetensors"
 META_FILE = "meta.json"
 CONTENTS_FILE = "contents.json"
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"  # half-written or retired directories: never read, removed on resume
 TRASH_PREFIX = f"{TMP_PREFIX}trash-"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: every tensor inside state.pt
 # keys of state.pt, named once so writer and reader cannot disagree
 MODEL_KEY, OPTIMIZER_KEY, SCHEDULER_KEY, RNG_KEY, CALLBACKS_KEY = (
     "model", "optimizer", "scheduler", "rng", "callbacks",
@@ -120,32 +124,37 @@ def write_checkpoint(run_dir: str | Path, snap: Snapshot, *, crash_midway: bool 
     tmp.mkdir()
     pointer = root / f"{TMP_PREFIX}{LATEST}-{os.getpid()}-{threading.get_ident()}"
     try:
-        # state.pt is streamed through a hashing writer: no second copy in memory. torch's own
-        # CRC32 per record is off: the xxh3-128 of the whole file checked on every load supersedes it
-        kill_after = _nbytes(snap.state) // 2 if crash_midway else None
-        writer = open_state_writer(tmp / STATE_FILE, kill_after)
+        # the tensors are streamed to the disk at once, no pickling first and no second copy in
+        # memory; what is left of the state is pickled afterwards, while their tail is written
+        tensors: list[torch.Tensor] = []
+        skeleton = tensorfile.split(snap.state, tensors)
+        kill_after = tensorfile.nbytes(tensors) // 2 if crash_midway else None
+        writer = open_state_writer(tmp / TENSORS_FILE, kill_after)
         try:
-            with _without_torch_crc32():
-                torch.save(snap.state, cast(IO[bytes], writer))
+            tensorfile.write(writer, tensors)
         except BaseException:
             writer.abort()
             raise
+        skeleton_bytes = io.BytesIO()
+        torch.save(skeleton, skeleton_bytes)
         # the model digest is taken while a direct writer's last chunks reach the disk
         weights = snap.state[MODEL_KEY]
         meta = replace(snap.meta, model_digest=model_digest(weights), architecture=architecture(weights))
         try:
-            contents = {STATE_FILE: writer.close()}
+            contents = {TENSORS_FILE: writer.close()}
         except ReadBackError as e:
             raise CheckpointError(str(e)) from e
+        contents[STATE_FILE] = write_hashed(tmp / STATE_FILE, skeleton_bytes.getvalue())
         contents[META_FILE] = write_hashed(
             tmp / META_FILE, (json.dumps(meta.to_dict(), indent=1, sort_keys=True) + "\n").encode())
         (tmp / CONTENTS_FILE).write_bytes(json.dumps({"files": contents}, indent=1, sort_keys=True).encode())
         # the new pointer, written now so that one fsync batch and one journal commit cover it too
         pointer.write_bytes(f"{name}\n".encode())
         # make the files durable while reading them back to verify: the disk and the CPU work at once.
-        # A direct-written state.pt is durable and was checked against the disk already
-        done = {STATE_FILE} if writer.verified else set()
-        files = [tmp / n for n in (STATE_FILE, META_FILE, CONTENTS_FILE) if n not in done] + [pointer]
+        # a direct-written tensors file is durable and was checked against the disk already
+        done = {TENSORS_FILE} if writer.verified else set()
+        files = [tmp / n for n in (TENSORS_FILE, STATE_FILE, META_FILE, CONTENTS_FILE) if n not in done]
+        files.append(pointer)
         durable = threading.Thread(target=fsync_files, args=(files,))
         durable.start()
         try:
@@ -170,17 +179,6 @@ def write_checkpoint(run_dir: str | Path, snap: Snapshot, *, crash_midway: bool 
     return target
 
 
-@contextmanager
-def _without_torch_crc32() -> Iterator[None]:
-    """torch.save without its per-record CRC32 (a process-wide setting, restored after)."""
-    before = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(False)
-    try:
-        yield
-    finally:
-        torch.serialization.set_crc32_options(before)
-
-
 def _nbytes(obj: Any) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
@@ -199,7 +197,7 @@ def read_checkpoint(path: str | Path) -> tuple[CheckpointMeta, dict[str, Any]]:
     refused before anything runs).
     """
     path = Path(path)
-    _verified_files(path)
+    listed = _verified_files(path)
     try:
         meta = CheckpointMeta(**json.loads((path / META_FILE).read_bytes()))
     except (ValueError, TypeError) as e:
@@ -214,13 +212,18 @@ def read_checkpoint(path: str | Path) -> tuple[CheckpointMeta, dict[str, Any]]:
         ) from e
     except (RuntimeError, EOFError, ValueError) as e:
         raise CheckpointError(f"{path / STATE_FILE}: cannot be read as a torch file ({e})") from e
+    if TENSORS_FILE in listed:
+        try:
+            state = tensorfile.join(state, tensorfile.read(path / TENSORS_FILE))
+        except Exception as e:  # a forged file: its digest matched, its content is not ours
+            raise CheckpointError(f"{path / TENSORS_FILE}: its tensors do not fit state.pt ({e!r})") from e
     missing = {MODEL_KEY, OPTIMIZER_KEY, RNG_KEY} - set(state)
     if missing:
         raise CheckpointError(f"{path / STATE_FILE}: lacks {sorted(missing)}; not a reprokit checkpoint")
     return meta, state
 
 
-def _verified_files(path: Path, *, read_back: set[str] | None = None) -> None:
+def _verified_files(path: Path, *, read_back: set[str] | None = None) -> dict[str, Any]:
     """Check every file contents.json lists; those in ``read_back`` (already checked against the
     disk by their writer) only for their size."""
     if not path.is_dir():
@@ -244,6 +247,7 @@ def _verified_files(path: Path, *, read_back: set[str] | None = None) -> None:
             raise CheckpointError(f"{fpath}: truncated or extended: {size} bytes, {expect['bytes']} recorded")
         if fname not in (read_back or ()) and file_digest(fpath, size) != expect["xxh3_128"]:
             raise CheckpointError(f"{fpath}: content digest does not match contents.json (corrupted)")
+    return cast(dict[str, Any], listed)
 
 
 def check_compatible(

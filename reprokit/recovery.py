@@ -28,6 +28,7 @@ from reprokit.checkpoint import (
     CONTENTS_FILE,
     META_FILE,
     STATE_FILE,
+    TENSORS_FILE,
     list_checkpoints,
     verify_run,
 )
@@ -216,13 +217,14 @@ def damage_checkpoint(path: Path, damage: str, *, foreign: Path | None = None) -
     ``malicious pickle`` replaces ``state.pt`` by a pickle whose loading would create the file
     ``pwned`` next to it, and records its digest in contents.json as an attacker would.
     """
+    data_file = path / (TENSORS_FILE if (path / TENSORS_FILE).exists() else STATE_FILE)  # the big one
     if damage == "truncated":
-        data = (path / STATE_FILE).read_bytes()
-        (path / STATE_FILE).write_bytes(data[: len(data) // 2])
+        data = data_file.read_bytes()
+        data_file.write_bytes(data[: len(data) // 2])
     elif damage == "flipped byte":
-        flipped = bytearray((path / STATE_FILE).read_bytes())
+        flipped = bytearray(data_file.read_bytes())
         flipped[len(flipped) // 2] ^= 0x01
-        (path / STATE_FILE).write_bytes(bytes(flipped))
+        data_file.write_bytes(bytes(flipped))
     elif damage == "missing file":
         (path / META_FILE).unlink()
     elif damage == "malicious pickle":

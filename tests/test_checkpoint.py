@@ -58,8 +58,8 @@ def test_checkpoints_hold_full_state_and_latest_points_to_newest(run: Path) -> N
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        ("truncated", r"state\.pt: truncated or extended"),
-        ("flipped byte", r"state\.pt: content digest does not match"),
+        ("truncated", r"tensors\.safetensors: truncated or extended"),
+        ("flipped byte", r"tensors\.safetensors: content digest does not match"),
         ("missing file", r"meta\.json: missing"),
         ("malicious pickle", r"state\.pt: refused to load"),
     ],

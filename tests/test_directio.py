@@ -95,7 +95,7 @@ def test_a_byte_the_disk_returns_wrong_fails_the_save_and_commits_nothing(
         return got
 
     monkeypatch.setattr(directio.os, "preadv", flaky_disk)
-    with pytest.raises(CheckpointError, match=r"state\.pt: the bytes read back from the disk differ"):
+    with pytest.raises(CheckpointError, match=r"tensors\.safetensors: the bytes read back from the disk"):
         write_checkpoint(tmp_path, _snapshot(2))
     assert len(calls) > 3  # the whole file, chunk by chunk
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000001"]
