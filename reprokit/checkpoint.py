@@ -179,16 +179,6 @@ def write_checkpoint(run_dir: str | Path, snap: Snapshot, *, crash_midway: bool 
     return target
 
 
-def _nbytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(_nbytes(v) for v in obj)
-    return 0
-
-
 def read_checkpoint(path: str | Path) -> tuple[CheckpointMeta, dict[str, Any]]:
     """Verify a checkpoint directory and load it; any damage raises :class:`CheckpointError`.
 
