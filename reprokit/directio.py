@@ -8,7 +8,7 @@ FastPersist), so durability costs one pass and no cache pages are dirtied or evi
 
     serializer --copy--> staging buffer --pwrite(O_DIRECT)--> disk --pread(O_DIRECT)--> read-back
         |                  (DEPTH of them, recycled)       (writer thread, then the same thread)
-        +-- xxh3-128 of what torch.save produced ==?== xxh3-128 of what the disk returns
+        +-- xxh3-128 of what the serializer produced ==?== xxh3-128 of what the disk returns
 
 Once the last chunk is written the file is read back from the device, so the check is of the bytes
 the disk holds, not of a cached copy. Reading each chunk back right after writing it was measured
@@ -84,7 +84,7 @@ def _padded(n: int) -> int:
 
 
 class DirectWriter:
-    """File-like sink for ``torch.save``: a writer thread writes with O_DIRECT and then reads the
+    """File-like sink (for :mod:`reprokit.tensorfile`): a writer thread writes with O_DIRECT, then reads the
     file back from the disk; :meth:`close` truncates, fsyncs and checks the two digests.
     ``kill_after`` (fault injection) SIGKILLs the process once that many bytes are durable. Use
     :meth:`abort` when the serializer fails, so the thread ends."""

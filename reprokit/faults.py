@@ -20,7 +20,7 @@ class Faults:
 
     crash_at_step: die right after optimizer step K updated the weights in memory, before step K's
         metrics row or checkpoint reach the disk (the work of step K is lost).
-    crash_during_save: die half-way through writing the checkpoint of step K (``state.pt`` is half
+    crash_during_save: die half-way through writing the checkpoint of step K (its tensors file is half
         written, nothing is committed).
     """
 

@@ -1,6 +1,6 @@
 """Low-level file I/O for checkpoints: hash while writing, start disk writeback early, fsync, digest.
 
-Large files (``state.pt``) go through :func:`open_state_writer`: direct I/O with a read-back check
+Large files (a checkpoint's tensors) go through :func:`open_state_writer`: direct I/O with a read-back check
 (:mod:`reprokit.directio`) where the file system allows it, else the buffered writer below.
 
 Why the buffered writer starts writeback early: a bare ``write`` only fills the page cache, and
