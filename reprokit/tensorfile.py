@@ -9,8 +9,9 @@ data), so any safetensors tool can read it; loading it runs no code.
     state  --split-->  skeleton (each tensor replaced by {MARK: "i"})  +  tensors 0..N-1
     skeleton + tensors  --join-->  state
 
-Tensors safetensors cannot hold (sparse, quantized, dtypes without a safetensors name) stay in
-the skeleton, where ``torch.save`` handles them as before.
+Tensors safetensors cannot hold (sparse, quantized, dtypes without a safetensors name) and tensors
+not on the CPU (GPU optimizer state: ``torch.load`` puts them back on their device) stay in the
+skeleton, where ``torch.save`` handles them as before.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class _Sink(Protocol):
 def split(obj: Any, tensors: list[torch.Tensor]) -> Any:
     """``obj`` with every storable tensor appended to ``tensors`` and replaced by a placeholder."""
     if isinstance(obj, torch.Tensor):
-        if obj.layout != torch.strided or obj.dtype not in _NAMES or obj.is_quantized:
+        if (obj.device.type != "cpu" or obj.layout != torch.strided or obj.dtype not in _NAMES
+                or obj.is_quantized):
             return obj
         tensors.append(obj.detach())
         return {MARK: str(len(tensors) - 1)}

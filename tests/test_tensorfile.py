@@ -66,6 +66,9 @@ def test_split_write_read_join_gives_the_state_back(tmp_path: Path) -> None:
     assert _equal(state, back)
     standard = safetensors.torch.load_file(path)  # any safetensors reader takes the file
     assert torch.equal(standard["0"], state["model"]["w"])
+    elsewhere = torch.empty(2, device="meta")  # stands for a GPU tensor: torch.save keeps its device
+    kept: list[torch.Tensor] = []
+    assert tensorfile.split({"x": elsewhere}, kept)["x"] is elsewhere and kept == []
 
 
 def test_a_header_that_does_not_fit_the_data_is_refused(tmp_path: Path) -> None:
