@@ -41,7 +41,7 @@ from reprokit.config import config_differences
 from reprokit.digests import model_digest
 from reprokit.directio import ReadBackError
 from reprokit.errors import ReprokitError
-from reprokit.fsio import file_digest, fsync_files, open_state_writer, write_hashed
+from reprokit.fsio import file_digest, fsync_files, open_tensor_writer, write_hashed
 from reprokit.rundir import _fsync_dir
 
 CHECKPOINTS = "checkpoints"
@@ -129,7 +129,7 @@ def write_checkpoint(run_dir: str | Path, snap: Snapshot, *, crash_midway: bool 
         tensors: list[torch.Tensor] = []
         skeleton = tensorfile.split(snap.state, tensors)
         kill_after = tensorfile.nbytes(tensors) // 2 if crash_midway else None
-        writer = open_state_writer(tmp / TENSORS_FILE, kill_after)
+        writer = open_tensor_writer(tmp / TENSORS_FILE, kill_after)
         try:
             tensorfile.write(writer, tensors)
         except BaseException:

@@ -1,6 +1,6 @@
 """Low-level file I/O for checkpoints: hash while writing, start disk writeback early, fsync, digest.
 
-Large files (a checkpoint's tensors) go through :func:`open_state_writer`: direct I/O with a read-back check
+Large files (a checkpoint's tensors) go through :func:`open_tensor_writer`: direct I/O with a read-back check
 (:mod:`reprokit.directio`) where the file system allows it, else the buffered writer below.
 
 Why the buffered writer starts writeback early: a bare ``write`` only fills the page cache, and
@@ -61,8 +61,8 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
 class HashingWriter:
     """Buffered file writer that digests what passes through and starts its writeback every few MB.
 
-    The fallback where O_DIRECT is refused (see :func:`open_state_writer`). ``torch.save`` hands
-    it memoryviews of the tensors' own memory, so nothing is copied before the write.
+    The fallback where O_DIRECT is refused (see :func:`open_tensor_writer`). It is handed views of
+    the tensors' own memory (:func:`reprokit.tensorfile.write`), so nothing is copied before the write.
     ``kill_after`` (fault injection) SIGKILLs the process once that many bytes are written and
     fsynced. The file is not fsynced by :meth:`close`, nor read back: the caller does both.
     """
@@ -100,7 +100,7 @@ class HashingWriter:
         self.f.close()
 
 
-def open_state_writer(path: Path, kill_after: int | None = None) -> DirectWriter | HashingWriter:
+def open_tensor_writer(path: Path, kill_after: int | None = None) -> DirectWriter | HashingWriter:
     """A writer for a large new file: direct, durable and read back on ``close()`` where the file
     system allows O_DIRECT (``verified`` True), else buffered (the caller fsyncs and verifies)."""
     fd = open_direct(path)

@@ -18,6 +18,7 @@ from reprokit.checkpoint import (
     MODEL_KEY,
     OPTIMIZER_KEY,
     RNG_KEY,
+    TENSORS_FILE,
     CheckpointError,
     CheckpointMeta,
     Snapshot,
@@ -40,7 +41,7 @@ def _state() -> dict[str, Any]:
 
 
 def _save(path: Path, state: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    writer = fsio.open_state_writer(path)
+    writer = fsio.open_tensor_writer(path)
     try:
         torch.save(state, writer)
     except BaseException:
@@ -141,3 +142,16 @@ def test_concurrent_direct_saves_share_the_buffer_pool_safely(tmp_path: Path) ->
     for i, snap in snaps.items():
         _, state = read_checkpoint(list_checkpoints(tmp_path / f"run{i}")[0])
         assert torch.equal(state[MODEL_KEY]["weight"], snap.state[MODEL_KEY]["weight"])
+
+
+def test_without_o_direct_the_buffered_writer_commits_the_same_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a file system that refuses O_DIRECT the tensors go through the page cache: same bytes, same load."""
+    snap = _snapshot(1)
+    direct = write_checkpoint(tmp_path / "direct", snap)
+    monkeypatch.setattr(fsio, "open_direct", lambda path: None)
+    buffered = write_checkpoint(tmp_path / "buffered", snap)
+    assert (buffered / TENSORS_FILE).read_bytes() == (direct / TENSORS_FILE).read_bytes()
+    _, state = read_checkpoint(buffered)
+    assert torch.equal(state[MODEL_KEY]["weight"], snap.state[MODEL_KEY]["weight"])
