@@ -10,11 +10,11 @@ Commit protocol: write into ``.tmp-step-...`` next to the target with ``contents
 digest of every file, computed while writing) and the new ``latest`` into a temporary file.
 The tensors go to the disk first, directly, and are read back from it (:mod:`reprokit.tensorfile`,
 :mod:`reprokit.directio`; where the file system refuses direct I/O: through the page cache with
-early writeback, :mod:`reprokit.fsio`); read the other files back and check them while fsyncing
-them, fsync the directory, rename it into place, rename the pointer
-over ``latest``, fsync the parent. Older checkpoints are pruned only after that. A kill at any
-moment leaves either no ``step-...`` directory or a complete one, so readers never trust ``latest``
-alone: they scan the directories and take the newest that verifies.
+early writeback, :mod:`reprokit.fsio`); while the tensors file is read back, write the other files,
+fsync every file and the directory in a thread and check the small files; then rename the directory
+into place, rename the pointer over ``latest``, fsync the parent. Older checkpoints are pruned only
+after that. A kill at any moment leaves either no ``step-...`` directory or a complete one, so
+readers never trust ``latest`` alone: they scan the directories and take the newest that verifies.
 Loading never unpickles arbitrary objects: ``state.pt`` goes through ``torch.load(weights_only=True)``,
 the tensors through safetensors, and everything else is JSON. Checkpoints of format 1 (every
 tensor inside ``state.pt``, no tensors file) still load.
@@ -132,36 +132,29 @@ def write_checkpoint(run_dir: str | Path, snap: Snapshot, *, crash_midway: bool 
         writer = open_tensor_writer(tmp / TENSORS_FILE, kill_after)
         try:
             tensorfile.write(writer, tensors)
-        except BaseException:
-            writer.abort()
-            raise
-        skeleton_bytes = io.BytesIO()
-        torch.save(skeleton, skeleton_bytes)
-        # the model digest is taken while a direct writer's last chunks reach the disk
-        weights = snap.state[MODEL_KEY]
-        meta = replace(snap.meta, model_digest=model_digest(weights), architecture=architecture(weights))
-        try:
-            contents = {TENSORS_FILE: writer.close()}
+            skeleton_bytes = io.BytesIO()
+            torch.save(skeleton, skeleton_bytes)
+            # the model digest is taken while a direct writer's last chunks reach the disk
+            weights = snap.state[MODEL_KEY]
+            meta = replace(snap.meta, model_digest=model_digest(weights), architecture=architecture(weights))
+            # the other files are written and made durable while a direct writer reads its file back
+            contents = {TENSORS_FILE: writer.written()}
+            contents[STATE_FILE] = write_hashed(tmp / STATE_FILE, skeleton_bytes.getvalue())
+            contents[META_FILE] = write_hashed(
+                tmp / META_FILE, (json.dumps(meta.to_dict(), indent=1, sort_keys=True) + "\n").encode())
+            listing = json.dumps({"files": contents}, indent=1, sort_keys=True)
+            (tmp / CONTENTS_FILE).write_bytes(listing.encode())
+            # the new pointer, written now so that one fsync batch and one journal commit cover it too
+            pointer.write_bytes(f"{name}\n".encode())
+            files = [tmp / n for n in (TENSORS_FILE, STATE_FILE, META_FILE, CONTENTS_FILE)] + [pointer]
+            with _Durable(files, tmp):
+                # check the small files (and a buffered tensors file) as the disk will hand them out
+                _verified_files(tmp, read_back={TENSORS_FILE} if writer.verified else set())
+                writer.close()  # a direct writer: what the disk returns is what was written
         except ReadBackError as e:
             raise CheckpointError(str(e)) from e
-        contents[STATE_FILE] = write_hashed(tmp / STATE_FILE, skeleton_bytes.getvalue())
-        contents[META_FILE] = write_hashed(
-            tmp / META_FILE, (json.dumps(meta.to_dict(), indent=1, sort_keys=True) + "\n").encode())
-        (tmp / CONTENTS_FILE).write_bytes(json.dumps({"files": contents}, indent=1, sort_keys=True).encode())
-        # the new pointer, written now so that one fsync batch and one journal commit cover it too
-        pointer.write_bytes(f"{name}\n".encode())
-        # make the files durable while reading them back to verify: the disk and the CPU work at once.
-        # a direct-written tensors file is durable and was checked against the disk already
-        done = {TENSORS_FILE} if writer.verified else set()
-        files = [tmp / n for n in (TENSORS_FILE, STATE_FILE, META_FILE, CONTENTS_FILE) if n not in done]
-        files.append(pointer)
-        durable = threading.Thread(target=fsync_files, args=(files,))
-        durable.start()
-        try:
-            _verified_files(tmp, read_back=done)  # what reached the disk is what was meant
         finally:
-            durable.join()
-        _fsync_dir(tmp)
+            writer.abort()  # a no-op after close(); after an error it ends the threads, closes the file
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
         pointer.unlink(missing_ok=True)
@@ -177,6 +170,30 @@ def write_checkpoint(run_dir: str | Path, snap: Snapshot, *, crash_midway: bool 
     os.replace(pointer, root / LATEST)
     _fsync_dir(root)  # both renames are durable: the checkpoint is committed (``latest`` is a hint)
     return target
+
+
+class _Durable:
+    """Context manager: fsync ``files``, then their directory, in a thread while the body runs;
+    on exit wait for it and raise its error (a failed fsync means the data may not be on the disk)."""
+
+    def __init__(self, files: list[Path], directory: Path) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(files, directory), name="reprokit_fsync")
+
+    def _run(self, files: list[Path], directory: Path) -> None:
+        try:
+            fsync_files(files)
+            _fsync_dir(directory)
+        except BaseException as e:  # raised in the caller's thread by __exit__
+            self._error = e
+
+    def __enter__(self) -> None:
+        self._thread.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join()
+        if self._error is not None and exc[0] is None:
+            raise self._error
 
 
 def read_checkpoint(path: str | Path) -> tuple[CheckpointMeta, dict[str, Any]]:

@@ -91,10 +91,12 @@ class HashingWriter:
     def flush(self) -> None:
         self.f.flush()
 
-    def close(self) -> dict[str, Any]:
+    def written(self) -> dict[str, Any]:
         """Close the file and return its contents record (size and digest)."""
         self.f.close()
         return {"bytes": self.size, "xxh3_128": self.hash.hexdigest()}
+
+    close = written  # nothing is read back here
 
     def abort(self) -> None:
         self.f.close()

@@ -13,7 +13,7 @@ import pytest
 import torch
 import xxhash
 
-from reprokit import directio, fsio
+from reprokit import checkpoint, directio, fsio
 from reprokit.checkpoint import (
     MODEL_KEY,
     OPTIMIZER_KEY,
@@ -30,8 +30,10 @@ from reprokit.checkpoint import (
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """64 KiB chunks, 2 in flight: a 1.2 MB state crosses many chunk boundaries and recycles buffers."""
+    """64 KiB chunks after 16 and 32 KiB ones, 2 in flight: a 1.2 MB state crosses many chunk
+    boundaries and recycles buffers."""
     monkeypatch.setattr(directio, "CHUNK", 64 << 10)
+    monkeypatch.setattr(directio, "RAMP", 16 << 10)
     monkeypatch.setattr(directio, "DEPTH", 2)
 
 
@@ -103,6 +105,60 @@ def test_a_byte_the_disk_returns_wrong_fails_the_save_and_commits_nothing(
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")] == []
 
 
+def test_a_read_error_during_the_read_back_reaches_the_caller_and_commits_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _direct_or_skip(tmp_path)
+
+    def failing_disk(fd: int, buffers: list[memoryview], offset: int) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(directio.os, "preadv", failing_disk)
+    with pytest.raises(OSError, match="Input/output error"):
+        write_checkpoint(tmp_path, _snapshot(1))
+    assert list(os.scandir(tmp_path / "checkpoints")) == []
+    assert [t.name for t in threading.enumerate() if t.name.startswith("reprokit_")] == []
+
+
+def test_a_failed_fsync_reaches_the_caller_and_commits_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The files are fsynced in a thread during the read-back; its error must not be lost there."""
+    write_checkpoint(tmp_path, _snapshot(1))
+
+    def failing_fsync(paths: Any) -> None:
+        raise OSError(errno.EIO, "fsync: Input/output error")
+
+    monkeypatch.setattr(checkpoint, "fsync_files", failing_fsync)
+    with pytest.raises(OSError, match="fsync: Input/output error"):
+        write_checkpoint(tmp_path, _snapshot(2))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["latest", "step-0000001"]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-0000001\n"
+
+
+def test_written_gives_the_record_before_the_read_back_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``written()`` returns once the bytes are written; ``close()`` then waits for the read-back."""
+    _direct_or_skip(tmp_path)
+    release = threading.Event()
+    real_preadv = os.preadv
+
+    def slow_disk(fd: int, buffers: list[memoryview], offset: int) -> int:
+        release.wait(timeout=30)
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(directio.os, "preadv", slow_disk)
+    writer = fsio.open_tensor_writer(tmp_path / "t.bin")
+    data = os.urandom(300_001)
+    writer.write(data)
+    record = writer.written()  # does not wait for the (held) read-back
+    assert record == {"bytes": len(data), "xxh3_128": xxhash.xxh3_128_hexdigest(data)}
+    assert (tmp_path / "t.bin").stat().st_size == len(data)  # already truncated to the true size
+    release.set()
+    assert writer.close() == record
+
+
 def test_a_write_error_reaches_the_caller_and_commits_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -110,7 +166,7 @@ def test_a_write_error_reaches_the_caller_and_commits_nothing(
     real_pwrite = os.pwrite
 
     def full_disk(fd: int, data: memoryview, offset: int) -> int:
-        if offset >= 3 * directio.CHUNK:
+        if offset >= 2 * directio.CHUNK:  # the 4th of 5 chunks (16, 32, 64, 64, 60 KiB)
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwrite(fd, data, offset)
 
