@@ -58,8 +58,9 @@ class _Pool:
         self._lock = threading.Lock()
 
     def take(self, n: int) -> list[mmap.mmap]:
-        with self._lock:
-            got, self._free = self._free[:n], self._free[n:]
+        with self._lock:  # buffers of another size (CHUNK changed, as tests do) are dropped
+            fit = [b for b in self._free if len(b) == CHUNK]
+            got, self._free = fit[:n], fit[n:]
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
         return got + [mmap.mmap(-1, CHUNK, flags=flags) for _ in range(n - len(got))]
 

@@ -7,11 +7,13 @@
 The row ``step = t`` describes optimizer step t: Δθ = θ_t − θ_{t−1} and g = the gradient that step
 used, evaluated at θ_{t−1}. That is the essay's |θ_{t+1} − θ_t|₁ / |θ_t|₁ labelled by the step that
 made the change. With ``every=k`` only steps k, 2k, ... are traced, and the parameters are copied
-only right before a traced step, so Δθ is still one step's change. A traced step costs a dozen ops
-over flat copies of the parameters and gradients and one host transfer (``reprokit.flatsums``), not
-a handful of small ops per tensor (each op's dispatch costs more than the arithmetic of most
-tensors); the price is memory: 11 numbers per parameter while tracing. trace.csv keeps 9
-significant digits (the sums are float32, good to ~7); :meth:`Tracer.frame` has the full doubles.
+only right before a traced step, so Δθ is still one step's change. A traced step copies the
+parameters and gradients into flat rows and sums them in one compiled pass (``reprokit.flatkernels``,
+float64 sums; 5 numbers per parameter while tracing), not with a handful of small ops per tensor
+(each op's dispatch costs more than the arithmetic of most tensors). Without numba, or for
+parameters that are not float32/float64 on the CPU, a dozen torch ops over the rows give the same
+sums in float32 blocks (``reprokit.flatsums``; 11 numbers per parameter). trace.csv keeps 9
+significant digits; :meth:`Tracer.frame` has the full doubles.
 
 Zero denominators: a tensor that is exactly zero (a zero-initialised bias) has |θ|₁ = 0, so its
 change rate and update ratio are 0 when it did not move and ``inf`` when it did (any move away

@@ -211,3 +211,11 @@ def test_without_o_direct_the_buffered_writer_commits_the_same_checkpoint(
     assert (buffered / TENSORS_FILE).read_bytes() == (direct / TENSORS_FILE).read_bytes()
     _, state = read_checkpoint(buffered)
     assert torch.equal(state[MODEL_KEY]["weight"], snap.state[MODEL_KEY]["weight"])
+
+
+def test_the_pool_hands_out_buffers_of_the_current_chunk_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Buffers pooled while CHUNK was smaller (this module's fixture) never serve a larger CHUNK."""
+    small = directio._pool.take(2)  # 64 KiB: the fixture's CHUNK
+    directio._pool.give(small)
+    monkeypatch.setattr(directio, "CHUNK", 128 << 10)
+    assert [len(b) for b in directio._pool.take(3)] == [128 << 10] * 3
