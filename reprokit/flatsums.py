@@ -116,7 +116,8 @@ class FlatSums:
         torch.mul(self.grad, turn.prev, out=self.saliency)
         torch.abs(turn.absolute, out=self.absolute)
         torch.mul(turn.squared, turn.squared, out=self.squared)
-        sums = self._reduce()
+        torch.sum(self.blocked, dim=2, out=self.blocks)
+        sums = self._per_tensor()
         return [sums[i] for i in turn.order]
 
     def norms(self, turn: Turn) -> list[list[float]]:
@@ -130,11 +131,10 @@ class FlatSums:
         torch.mul(turn.theta, turn.theta, out=self.work[two])
         # only these two rows are summed per block: a third of the memory traffic of all six
         torch.sum(self.blocked[one::two - one][:2], dim=2, out=self.blocks[one::two - one][:2])
-        sums = self._reduce(summed=True)
+        sums = self._per_tensor()
         return [sums[one], sums[two]]
 
-    def _reduce(self, *, summed: bool = False) -> list[list[float]]:
-        if not summed:
-            torch.sum(self.blocked, dim=2, out=self.blocks)
+    def _per_tensor(self) -> list[list[float]]:
+        """The block sums added up per tensor (in float64)."""
         sums: list[list[float]] = torch.mm(self.blocks.double(), self.segments).tolist()
         return sums
