@@ -5,6 +5,8 @@
     RUN_DIR/checkpoints/step-0000060/meta.json       step, epoch, batch, config, digests, architecture
     RUN_DIR/checkpoints/step-0000060/contents.json   size and xxh3-128 of the files above
     RUN_DIR/checkpoints/latest                      name of the newest committed checkpoint
+    RUN_DIR/checkpoints/.tmp-spare-tensors.safetensors  a pruned checkpoint's tensors file, which the
+                                                    next save overwrites in place (while training)
 
 Commit protocol: write into ``.tmp-step-...`` next to the target with ``contents.json`` (size and
 digest of every file, computed while writing) and the new ``latest`` into a temporary file.
@@ -22,6 +24,7 @@ tensor inside ``state.pt``, no tensors file) still load.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -53,6 +56,8 @@ CONTENTS_FILE = "contents.json"
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"  # half-written or retired directories: never read, removed on resume
 TRASH_PREFIX = f"{TMP_PREFIX}trash-"
+# a pruned checkpoint's tensors file, kept for the next save to overwrite in place (see write_checkpoint)
+SPARE = f"{TMP_PREFIX}spare-{TENSORS_FILE}"
 FORMAT_VERSION = 2  # 1: every tensor inside state.pt
 # keys of state.pt, named once so writer and reader cannot disagree
 MODEL_KEY, OPTIMIZER_KEY, SCHEDULER_KEY, RNG_KEY, CALLBACKS_KEY = (
@@ -129,6 +134,7 @@ def write_checkpoint(run_dir: str | Path, snap: Snapshot, *, crash_midway: bool 
         tensors: list[torch.Tensor] = []
         skeleton = tensorfile.split(snap.state, tensors)
         kill_after = tensorfile.nbytes(tensors) // 2 if crash_midway else None
+        take_spare(root, tmp / TENSORS_FILE)
         writer = open_tensor_writer(tmp / TENSORS_FILE, kill_after)
         try:
             tensorfile.write(writer, tensors)
@@ -170,6 +176,33 @@ def write_checkpoint(run_dir: str | Path, snap: Snapshot, *, crash_midway: bool 
     os.replace(pointer, root / LATEST)
     _fsync_dir(root)  # both renames are durable: the checkpoint is committed (``latest`` is a hint)
     return target
+
+
+def take_spare(root: Path, path: Path) -> bool:
+    """Move the spare tensors file (a pruned checkpoint's, see :func:`keep_spare`) to ``path``, if
+    there is one. Overwriting its blocks in place is much faster than writing a new file on ext4:
+    no block allocation and no unwritten-extent conversion (a raw 134 MB direct write + fsync:
+    32-35 ms vs 57-60 ms here), as PostgreSQL recycles its WAL segments. Its old bytes never count:
+    the writer overwrites the file from the start, cuts it to the new size and reads it back."""
+    try:
+        os.replace(root / SPARE, path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def keep_spare(root: Path, retired: Path) -> None:
+    """Keep the tensors file of the retired checkpoint directory ``retired`` as the spare, unless
+    there is one already. Disk use between saves is then that of ``keep + 1`` checkpoints, the
+    same as during a save."""
+    if not (root / SPARE).exists():
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(retired / TENSORS_FILE, root / SPARE)
+
+
+def drop_spare(run_dir: str | Path) -> None:
+    """Delete the spare tensors file: the run will save no more checkpoints."""
+    (Path(run_dir) / CHECKPOINTS / SPARE).unlink(missing_ok=True)
 
 
 class _Durable:
@@ -332,9 +365,12 @@ def _reference_state(config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def clean_temporaries(run_dir: str | Path) -> None:
-    """Remove half-written ``.tmp-*`` directories a killed writer left behind."""
+    """Remove half-written ``.tmp-*`` directories and pointers a killed writer left behind (the
+    spare tensors file stays: the resumed run's next save overwrites it)."""
     root = Path(run_dir) / CHECKPOINTS
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(TMP_PREFIX):
+            if p.is_dir() and p.name.startswith(TMP_PREFIX):
                 shutil.rmtree(p, ignore_errors=True)
+            elif p.name.startswith(TMP_PREFIX) and p.name != SPARE:
+                p.unlink(missing_ok=True)

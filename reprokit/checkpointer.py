@@ -27,6 +27,8 @@ from reprokit.checkpoint import (
     TRASH_PREFIX,
     CheckpointError,
     Snapshot,
+    drop_spare,
+    keep_spare,
     list_checkpoints,
     write_checkpoint,
 )
@@ -87,9 +89,11 @@ def prune(run_dir: str | Path, keep: int, *, newest: Path) -> list[Path]:
 
 
 def delete_trash(run_dir: str | Path) -> None:
-    """Delete checkpoint directories retired by :func:`prune`."""
+    """Delete checkpoint directories retired by :func:`prune`; one tensors file is kept as the spare
+    that the next save overwrites (:func:`reprokit.checkpoint.take_spare`)."""
     root = Path(run_dir) / CHECKPOINTS
     for p in root.glob(f"{TRASH_PREFIX}*"):
+        keep_spare(root, p)
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -149,6 +153,11 @@ class Checkpointer:
             self._copied.wait()
             self._copied = None
             self.blocked_seconds[-1] += time.perf_counter() - started  # the step waited for the save
+
+    def finish(self) -> None:
+        """:meth:`wait`, then delete the spare tensors file kept for the next save: there is none."""
+        self.wait()
+        drop_spare(self.run_dir)
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is committed; re-raise its error here."""

@@ -73,12 +73,15 @@ _pool = _Pool()
 
 
 def open_direct(path: Path) -> int | None:
-    """Create ``path`` for direct writing; ``None`` where the OS or file system refuses O_DIRECT."""
+    """Open ``path`` for direct writing, creating it if needed; ``None`` where the OS or file system
+    refuses O_DIRECT. An existing file is not truncated: its blocks are overwritten in place, which
+    on ext4 is much faster than writing new ones (no block allocation, no unwritten-extent
+    conversion: 32-35 ms vs 57-60 ms for 134 MB here), and :class:`DirectWriter` cuts it to size."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return None
     try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | flag, 0o644)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | flag, 0o644)
     except OSError as e:
         if e.errno == errno.EINVAL:  # e.g. tmpfs before Linux 6.6
             return None

@@ -277,7 +277,7 @@ def run_loop(
             else:
                 state.epoch, state.batch = state.epoch + 1, 0
         if checkpointer is not None:
-            checkpointer.wait()
+            checkpointer.finish()
     except BaseException:
         if writer is not None:
             writer.close()  # every row so far is on disk; result.json stays absent

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -11,10 +12,13 @@ import torch
 
 from reprokit import TrainConfig, train
 from reprokit.checkpoint import (
+    SPARE,
+    TENSORS_FILE,
     CheckpointError,
     CheckpointMeta,
     Snapshot,
     check_compatible,
+    clean_temporaries,
     latest_pointer,
     list_checkpoints,
     read_checkpoint,
@@ -34,6 +38,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("ckpt") / "run"
     train(CKPT, run_dir, progress=False)
     return run_dir
+
+
+def _same(snap: Snapshot) -> Snapshot:
+    return snap
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:
@@ -125,9 +133,50 @@ def test_verify_table_and_cli_report_each_checkpoint(
 
 
 def test_keep_last_prunes_old_checkpoints(tmp_path: Path) -> None:
-    """keep_last=2 leaves exactly the two newest checkpoints."""
+    """keep_last=2 leaves exactly the two newest checkpoints, and a finished run no spare file."""
     train(CKPT.replace(checkpoint_every=2, keep_last=2), tmp_path / "run", progress=False)
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000010", "step-0000008"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "latest", "step-0000008", "step-0000010"]
+
+
+def test_next_save_overwrites_the_pruned_tensors_file(run: Path, tmp_path: Path) -> None:
+    """A pruned checkpoint's tensors file becomes the spare; the next save writes into it (same inode),
+    cut to size when the new state is smaller, grown when larger, and every checkpoint verifies."""
+    meta, state = read_checkpoint(list_checkpoints(run)[0])
+    saver = Checkpointer(tmp_path, every=1, seconds=0, keep=1, background=False)
+    spare = tmp_path / "checkpoints" / SPARE
+    smaller = {**state, "optimizer": {}}
+    larger = {**state, "callbacks": {"big": torch.arange(400_000, dtype=torch.float64)}}
+    for step, snap_state in enumerate([state, state, smaller, larger, state], start=1):
+        inode = spare.stat().st_ino if spare.exists() else None
+        snap = Snapshot(CheckpointMeta(**{**meta.to_dict(), "step": step}), snap_state)
+        saver.save(functools.partial(_same, snap))
+        saver.wait()  # the pruned directory is deleted in a thread, which keeps the spare
+        [path] = list_checkpoints(tmp_path)
+        tensors = path / TENSORS_FILE
+        assert inode is None or tensors.stat().st_ino == inode
+        assert spare.exists() == (step > 1)
+        _, loaded = read_checkpoint(path)
+        assert (loaded["optimizer"] == {}) == (snap_state is smaller)
+        if snap_state is larger:
+            assert torch.equal(loaded["callbacks"]["big"], larger["callbacks"]["big"])
+        assert json.loads((path / "contents.json").read_text())["files"][TENSORS_FILE]["bytes"] == (
+            tensors.stat().st_size)
+    saver.finish()
+    assert not spare.exists()
+
+
+def test_clean_temporaries_keeps_only_the_spare(tmp_path: Path) -> None:
+    """Half-written directories and pointers of a killed writer go; the spare stays for the resumed run."""
+    root = tmp_path / "checkpoints"
+    (root / ".tmp-step-0000004-12-34").mkdir(parents=True)
+    (root / ".tmp-step-0000004-12-34" / TENSORS_FILE).write_bytes(b"half")
+    (root / ".tmp-latest-12-34").write_text("step-0000004\n")
+    (root / SPARE).write_bytes(b"old tensors")
+    (root / "step-0000002").mkdir()
+    clean_temporaries(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == [SPARE, "step-0000002"]
 
 
 def test_prune_never_deletes_the_only_valid_checkpoint(

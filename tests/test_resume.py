@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from reprokit import TrainConfig, train
-from reprokit.checkpoint import list_checkpoints
+from reprokit.checkpoint import TMP_PREFIX, list_checkpoints
 from reprokit.cli import main
 from reprokit.recovery import KillPoint, damage_checkpoint, kill_run
 from reprokit.resume import ResumeError, resume
@@ -32,6 +32,7 @@ KILLS = {
     "last step": (CONFIG, KillPoint(30)),
     "during save": (CONFIG, KillPoint(12, "save")),
     "workers mid-epoch": (WORKERS, KillPoint(7)),
+    # keep_last=3: step 4's tensors file, pruned at step 16, is the spare the step-20 save overwrites
     "workers during save": (WORKERS, KillPoint(20, "save")),
     "async save": (ASYNC, KillPoint(17)),
     "from outside": (CONFIG, KillPoint(0, "external")),
@@ -81,6 +82,7 @@ def test_resume_after_kill_is_bitwise_identical(
     assert metrics["loss"].tolist()[1:] == reference.losses[1:]
     assert result.tensor_digests == reference.tensor_digests
     assert read_json(run_dir, "manifest.json")["resumes"][0]["from_step"] == result.resume.from_step
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(TMP_PREFIX)]
 
 
 def test_resume_falls_back_past_a_damaged_checkpoint(
