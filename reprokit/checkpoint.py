@@ -54,7 +54,7 @@ TENSORS_FILE = "tensors.safetensors"
 META_FILE = "meta.json"
 CONTENTS_FILE = "contents.json"
 PREFIX = "step-"
-TMP_PREFIX = ".tmp-"  # half-written or retired directories: never read, removed on resume
+TMP_PREFIX = ".tmp-"  # half-written or retired directories and files: never read
 TRASH_PREFIX = f"{TMP_PREFIX}trash-"
 # a pruned checkpoint's tensors file, kept for the next save to overwrite in place (see write_checkpoint)
 SPARE = f"{TMP_PREFIX}spare-{TENSORS_FILE}"
@@ -178,17 +178,14 @@ def write_checkpoint(run_dir: str | Path, snap: Snapshot, *, crash_midway: bool 
     return target
 
 
-def take_spare(root: Path, path: Path) -> bool:
+def take_spare(root: Path, path: Path) -> None:
     """Move the spare tensors file (a pruned checkpoint's, see :func:`keep_spare`) to ``path``, if
     there is one. Overwriting its blocks in place is much faster than writing a new file on ext4:
     no block allocation and no unwritten-extent conversion (a raw 134 MB direct write + fsync:
     32-35 ms vs 57-60 ms here), as PostgreSQL recycles its WAL segments. Its old bytes never count:
     the writer overwrites the file from the start, cuts it to the new size and reads it back."""
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.replace(root / SPARE, path)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def keep_spare(root: Path, retired: Path) -> None:
