@@ -144,9 +144,9 @@ def cold(*paths: Path) -> Path:
     return paths[0]
 
 
-def disk_floor(work: Path, nbytes: int, *, new_file: bool) -> float | None:
-    """Seconds the disk takes to write ``nbytes`` durably and read them back (``None``: no O_DIRECT),
-    into a new file or over the one the last call left."""
+def disk_floor(work: Path, nbytes: int, *, new_file: bool) -> tuple[float, float] | None:
+    """Seconds the disk takes to write ``nbytes`` durably, and to read them back (``None``: no
+    O_DIRECT), into a new file or over the one the last call left."""
     path = work / "floor.bin"
     if new_file:
         path.unlink(missing_ok=True)
@@ -162,15 +162,16 @@ def disk_floor(work: Path, nbytes: int, *, new_file: bool) -> float | None:
         for offset in offsets:
             os.pwrite(fd, buf, offset)
         os.fsync(fd)
+        written = time.perf_counter()
         rfd = os.open(path, os.O_RDONLY | os.O_DIRECT)
         for offset in offsets:
             os.preadv(rfd, [buf], offset)
-        elapsed = time.perf_counter() - start
+        read = time.perf_counter() - written
         os.close(rfd)
     finally:
         os.close(fd)
         directio._pool.give([buf])
-    return elapsed
+    return written - start, read
 
 
 def save_then_step(background: Checkpointer, snapshot: Callable[[], Snapshot],
@@ -200,6 +201,7 @@ def main() -> None:
         "bare save", "bare save + fsync", "reprokit save", "reprokit save, new file", "async blocked",
         "async slowdown", "train step", "bare load", "reprokit load", "resume latency", "disk floor",
         "disk floor, new file")}
+    disk_rates: dict[str, list[tuple[float, float]]] = {"disk floor": [], "disk floor, new file": []}
     # one async checkpointer for the whole run: it reuses its snapshot memory from save to save
     background = Checkpointer(work / "async", every=1, seconds=0, keep=2, background=True)
     background.save(snapshot)
@@ -235,7 +237,8 @@ def main() -> None:
             for name, new_file in (("disk floor, new file", True), ("disk floor", False)):
                 floor = disk_floor(work, nbytes, new_file=new_file)
                 if floor is not None:
-                    times[name].append(floor)
+                    times[name].append(sum(floor))
+                    disk_rates[name].append((nbytes / floor[0] / 1e9, nbytes / floor[1] / 1e9))
             if rep < 3:  # a full train + resume each: three are enough for a median
                 times["resume latency"].append(resume_latency(work))
     finally:
@@ -267,9 +270,16 @@ def main() -> None:
     floor_note = ""
     if "disk floor" in times:
         floor_pairs = [f / b for f, b in zip(times["disk floor"], times["bare save"], strict=True)]
-        floor_note = (f" (the disk alone, writing and reading back the same bytes: "
-                      f"{statistics.median(floor_pairs):.2f}x paired, "
-                      f"{min(times['disk floor']) / min(times['bare save']):.2f}x min/min)")
+        rates = {name: [statistics.median(r[i] for r in v) for i in (0, 1)] for name, v in disk_rates.items()}
+        print(f"the disk in this run: writes {rates['disk floor'][0]:.2f} GB/s over an existing file, "
+              f"{rates['disk floor, new file'][0]:.2f} GB/s into a new one (with fsync); reads "
+              f"{rates['disk floor'][1]:.2f} GB/s")
+        floor_ratio = statistics.median(floor_pairs)
+        beyond = "; above the target by itself: no save read back from this disk can meet it now"
+        floor_min = min(times["disk floor"]) / min(times["bare save"])
+        floor_note = (f" (the disk alone, writing and reading back the same bytes: {floor_ratio:.2f}x paired, "
+                      f"{floor_min:.2f}x min/min"
+                      f"{beyond if floor_ratio > TARGET_SAVE else ''})")
     print(f"SUMMARY: reprokit save / bare save {save_ratio:.2f}x paired, {best:.2f}x min/min "
           f"(target <= {TARGET_SAVE}x: "
           f"{verdict(save_ratio <= TARGET_SAVE)}){floor_note}; a run's first saves (new file) "
