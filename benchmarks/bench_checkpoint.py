@@ -277,8 +277,8 @@ def main() -> None:
         floor_ratio = statistics.median(floor_pairs)
         beyond = "; above the target by itself: no save read back from this disk can meet it now"
         floor_min = min(times["disk floor"]) / min(times["bare save"])
-        floor_note = (f" (the disk alone, writing and reading back the same bytes: {floor_ratio:.2f}x paired, "
-                      f"{floor_min:.2f}x min/min"
+        floor_note = (f" (the disk alone, writing and reading back the same bytes: "
+                      f"{floor_ratio:.2f}x paired, {floor_min:.2f}x min/min"
                       f"{beyond if floor_ratio > TARGET_SAVE else ''})")
     print(f"SUMMARY: reprokit save / bare save {save_ratio:.2f}x paired, {best:.2f}x min/min "
           f"(target <= {TARGET_SAVE}x: "
