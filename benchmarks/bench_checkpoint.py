@@ -34,8 +34,9 @@ interleaved, repeated; medians are reported.
 Targets: reprokit save (the steady state, with a spare) <= 1.15x bare save; async blocked <= 10% of
 a synchronous reprokit save; resume latency <= 1 s. The load on a shared machine makes single saves
 vary a lot: compare the ratios within one run, and the min column too. Every save is timed after an
-``os.sync()``; the save target is judged on the median of per-repeat ratios of adjacent saves
-("paired").
+``os.sync()``. The save target is met only if both the median of per-repeat ratios of adjacent
+saves ("paired") and the ratio of the fastest saves ("min/min") are within it: single bare saves
+stall now and then (0.3-0.6 s instead of 0.08 s), which flatters the paired ratio.
 
 Run: ``python benchmarks/bench_checkpoint.py [--repeats N]``.
 """
@@ -259,7 +260,7 @@ def main() -> None:
     best = min(times["reprokit save"]) / min(times["bare save"])
     print(f"reprokit save / bare save: median {med['reprokit save'] / med['bare save']:.2f}x, "
           f"paired {paired:.2f}x, min/min {best:.2f}x")
-    save_ratio = paired
+    save_ratio = max(paired, best)
     first_saves = [r / b for r, b in zip(times["reprokit save, new file"], times["bare save"], strict=True)]
     async_share = med["async blocked"] / med["reprokit save"]
     load_ratio = med["reprokit load"] / med["bare load"]
@@ -280,9 +281,9 @@ def main() -> None:
         floor_note = (f" (the disk alone, writing and reading back the same bytes: "
                       f"{floor_ratio:.2f}x paired, {floor_min:.2f}x min/min"
                       f"{beyond if floor_ratio > TARGET_SAVE else ''})")
-    print(f"SUMMARY: reprokit save / bare save {save_ratio:.2f}x paired, {best:.2f}x min/min "
+    print(f"SUMMARY: reprokit save / bare save {paired:.2f}x paired, {best:.2f}x min/min "
           f"(target <= {TARGET_SAVE}x: "
-          f"{verdict(save_ratio <= TARGET_SAVE)}){floor_note}; a run's first saves (new file) "
+          f"{verdict(save_ratio <= TARGET_SAVE)} if both are){floor_note}; a run's first saves (new file) "
           f"{statistics.median(first_saves):.2f}x paired; vs bare save + fsync "
           f"{med['reprokit save'] / med['bare save + fsync']:.2f}x; async blocked / sync save "
           f"{async_share:.1%} (target <= {TARGET_ASYNC:.0%}: {verdict(async_share <= TARGET_ASYNC)}), "
