@@ -282,8 +282,8 @@ def main() -> None:
                       f"{floor_ratio:.2f}x paired, {floor_min:.2f}x min/min"
                       f"{beyond if floor_ratio > TARGET_SAVE else ''})")
     print(f"SUMMARY: reprokit save / bare save {paired:.2f}x paired, {best:.2f}x min/min "
-          f"(target <= {TARGET_SAVE}x: "
-          f"{verdict(save_ratio <= TARGET_SAVE)} if both are){floor_note}; a run's first saves (new file) "
+          f"(target <= {TARGET_SAVE}x on both: "
+          f"{verdict(save_ratio <= TARGET_SAVE)}){floor_note}; a run's first saves (new file) "
           f"{statistics.median(first_saves):.2f}x paired; vs bare save + fsync "
           f"{med['reprokit save'] / med['bare save + fsync']:.2f}x; async blocked / sync save "
           f"{async_share:.1%} (target <= {TARGET_ASYNC:.0%}: {verdict(async_share <= TARGET_ASYNC)}), "
