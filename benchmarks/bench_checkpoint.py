@@ -5,7 +5,7 @@ about 135 MB), plus every RNG state. All variants save the same state into the s
 interleaved, repeated; medians are reported.
 
 - bare save:    ``torch.save(state, path)`` (no fsync, no digest, no rename; torch's default CRC32),
-  right after freeing as much page cache: its best case on this VM (see the training-loop rows)
+  right after freeing as much page cache: usually its best case on this VM (see the loop rows)
 - bare+fsync:   the same plus ``os.fsync``: what durability alone costs
 - reprokit save: snapshot (RNG capture, model digest), stream the tensors as safetensors to a temp
   dir with direct I/O (O_DIRECT from aligned staging buffers), read the file back from the disk
