@@ -204,10 +204,10 @@ def save_then_step(background: Checkpointer, snapshot: Callable[[], Snapshot],
 def in_training_loop(work: Path, repeats: int, gap: float, snapshot: Callable[[], Snapshot],
                      train_step: Callable[[Checkpointer | None], None]) -> dict[str, list[float]]:
     """Saves as a training loop makes them: ``gap`` seconds of training steps before each. On this VM
-    that decides what a bare ``torch.save`` costs: its page cache comes out of free guest memory,
-    and memory freed more than ~2 s earlier has been handed back to the host (virtio-balloon free
-    page reporting), so touching it again faults on the host (0.3-0.7 s of system time for 134 MB,
-    against 70-90 ms into memory freed a moment before). The two ways loops keep the last checkpoints:
+    that decides what a bare ``torch.save`` costs: its page cache comes out of free guest memory, and
+    memory not touched for a few seconds is slow to touch again (0.3-1.1 s of system time for 134 MB,
+    against 35-90 ms into memory freed a moment before; likely the host taking freed memory back, as
+    the balloon device here offers free-page reporting). The two ways loops keep the last checkpoints:
     a new file per checkpoint and the old one deleted after (as Lightning's and Hugging Face's
     rotation do), or one path overwritten (ext4 then starts the new file's writeback at close)."""
     times: dict[str, list[float]] = {"loop: bare save, new file": [], "loop: bare save, overwrite": [],
@@ -331,9 +331,6 @@ def main() -> None:
     # back to back, the bare save gets its best case (memory freed just before): also min/min
     paired, _ = ratios(times["reprokit save"], times["bare save"])
     best = min(times["reprokit save"]) / min(times["bare save"])
-    print(f"in a training loop ({args.gap:g} s of steps before each save): reprokit save / the faster bare "
-          f"save {loop_paired:.2f}x paired, {loop_median:.2f}x of medians; back to back (the bare save's "
-          f"best case): paired {paired:.2f}x, min/min {best:.2f}x")
     first_saves, _ = ratios(times["reprokit save, new file"], times["bare save"])
     async_share = med["async blocked"] / med["reprokit save"]
     load_ratio = med["reprokit load"] / med["bare load"]
@@ -348,7 +345,8 @@ def main() -> None:
         beyond = ", above the target by itself" if min(floor_paired, floor_min) > TARGET_SAVE else ""
         floor_note = (f" (the disk alone, writing and reading back the same bytes: "
                       f"{floor_paired:.2f}x paired, {floor_min:.2f}x min/min{beyond})")
-    print(f"SUMMARY: reprokit save / bare save in a training loop {loop_paired:.2f}x paired, "
+    print(f"SUMMARY: reprokit save / bare save in a training loop ({args.gap:g} s of steps before each "
+          f"save, the faster bare save) {loop_paired:.2f}x paired, "
           f"{loop_median:.2f}x of medians (target <= {TARGET_SAVE}x on both: "
           f"{verdict(loop_ratio <= TARGET_SAVE)}); back to back, against the bare save's best case "
           f"{paired:.2f}x paired, {best:.2f}x min/min ({verdict(max(paired, best) <= TARGET_SAVE)})"
