@@ -367,7 +367,9 @@ def clean_temporaries(run_dir: str | Path) -> None:
     root = Path(run_dir) / CHECKPOINTS
     if root.is_dir():
         for p in root.iterdir():
-            if p.is_dir() and p.name.startswith(TMP_PREFIX):
+            if not p.name.startswith(TMP_PREFIX) or p.name == SPARE:
+                continue
+            if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
-            elif p.name.startswith(TMP_PREFIX) and p.name != SPARE:
+            else:
                 p.unlink(missing_ok=True)
