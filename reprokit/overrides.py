@@ -1,0 +1,91 @@
+"""The environment contract: ``REPROKIT_*`` variables that let a harness drive an unmodified script.
+
+A script that constructs :class:`reprokit.Run` honours these, and the run records which were in
+force (manifest ``overrides``), so a harness (the audit, the fault matrix, ``reprokit resume``)
+can re-run a user's script with another seed, thread count or kill point without editing it.
+
+    REPROKIT_RUN_DIR             the run directory (wins over the script's argument)
+    REPROKIT_SEED                the seed, an int in [0, 2**32-1]
+    REPROKIT_THREADS             intra-op threads, an int >= 1
+    REPROKIT_DETERMINISTIC       1/0 (also true/false, yes/no, on/off)
+    REPROKIT_NUM_WORKERS         DataLoader worker processes of every ``run.loader``, an int >= 0
+    REPROKIT_CRASH_AT_STEP       SIGKILL right after optimizer step K (a fresh run only)
+    REPROKIT_CRASH_DURING_SAVE   SIGKILL half-way through writing the checkpoint of step K (fresh run only)
+    REPROKIT_PROGRESS            1/0: show a progress bar
+    REPROKIT_FORCE               1/0: resume even if the recipe changed (recorded in the manifest)
+    REPROKIT_DIGEST_EVERY        per-tensor digests every N steps (0 = off): how the run is recorded
+    REPROKIT_TRACE_EVERY         the tracer every N steps (0 = off)
+    REPROKIT_CHECKPOINT_EVERY    a checkpoint every N steps (0 = off)
+
+``REPROKIT_LEDGER`` (the ledger file, :mod:`reprokit.ledger`) and ``REPROKIT_KERNEL`` (the
+notebooks' kernel) are read elsewhere. A value that does not parse is an error naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from reprokit.errors import ConfigError
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_INTS = {"REPROKIT_SEED": 0, "REPROKIT_THREADS": 1, "REPROKIT_NUM_WORKERS": 0,
+         "REPROKIT_CRASH_AT_STEP": 1, "REPROKIT_CRASH_DURING_SAVE": 1, "REPROKIT_DIGEST_EVERY": 0,
+         "REPROKIT_TRACE_EVERY": 0, "REPROKIT_CHECKPOINT_EVERY": 0}  # name -> smallest value
+_BOOLS = ("REPROKIT_DETERMINISTIC", "REPROKIT_PROGRESS", "REPROKIT_FORCE")
+VARIABLES = ("REPROKIT_RUN_DIR", *_INTS, *_BOOLS)
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """The ``REPROKIT_*`` values in force; ``None`` = not set."""
+
+    run_dir: str | None = None
+    seed: int | None = None
+    threads: int | None = None
+    deterministic: bool | None = None
+    num_workers: int | None = None
+    crash_at_step: int | None = None
+    crash_during_save: int | None = None
+    progress: bool | None = None
+    force: bool | None = None
+    digest_every: int | None = None
+    trace_every: int | None = None
+    checkpoint_every: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The variables that were set, for the manifest."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def read_overrides(environ: Mapping[str, str] | None = None) -> Overrides:
+    """Parse the ``REPROKIT_*`` variables of ``environ`` (default ``os.environ``)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    run_dir = env.get("REPROKIT_RUN_DIR")
+    if run_dir is not None:
+        if not run_dir.strip():
+            raise ConfigError("REPROKIT_RUN_DIR is set but empty; unset it or give a directory path")
+        values["run_dir"] = run_dir
+    for name, low in _INTS.items():
+        text = env.get(name)
+        if text is None or text == "":
+            continue
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(f"{name}={text!r} is not an integer; set e.g. {name}={max(low, 1)}") from None
+        if value < low:
+            raise ConfigError(f"{name}={value} is below {low}; set an integer >= {low}")
+        values[name.removeprefix("REPROKIT_").lower()] = value
+    for name in _BOOLS:
+        text = env.get(name)
+        if text is None or text == "":
+            continue
+        if text.lower() not in _TRUE + _FALSE:
+            raise ConfigError(f"{name}={text!r} is not a yes/no value; set {name}=1 or {name}=0")
+        values[name.removeprefix("REPROKIT_").lower()] = text.lower() in _TRUE
+    return Overrides(**values)

@@ -1,0 +1,238 @@
+"""``run.loader``: a DataLoader whose batches and augmentations are a pure function of (seed, epoch).
+
+The order of a pass comes from a generator seeded with (seed, loader, epoch, pass); the position
+is a batch counter, so a resume starts at batch b without drawing the batches before it. Each
+sample is fetched with python's, numpy's and torch's global RNGs seeded from (that pass's seed,
+its index) and put back afterwards, so a random crop or flip in ``__getitem__`` gives the same
+bits in the main process or in any worker, with any ``num_workers``, before and after a resume,
+and the training process's own RNG streams (dropout) are untouched by the fetch.
+
+A user's existing DataLoader is taken over: its dataset, batch size, shuffle, drop_last, collate
+function, workers and their settings. What cannot be made exact is refused with the reason: an
+IterableDataset (no index to seed or to resume at), a custom sampler or batch sampler.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, Sampler
+from torch.utils.data import SequentialSampler
+
+from reprokit.errors import DataError
+from reprokit.seeding import SEED_MAX, derive_seed
+
+# DataLoader arguments taken over from a user's loader, or accepted by run.loader(dataset, ...)
+_PASSED = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn",
+           "multiprocessing_context", "prefetch_factor", "persistent_workers", "pin_memory_device",
+           "in_order")
+_REFUSED = {
+    "sampler": "a custom sampler decides the order itself, so reprokit cannot compute it from (seed, "
+               "epoch) or start it at a batch; pass shuffle=True/False instead",
+    "batch_sampler": "a custom batch sampler decides the order itself; pass batch_size, shuffle and "
+                     "drop_last instead",
+    "generator": "the order's generator is reprokit's (seeded from seed, epoch and pass); drop it",
+}
+
+
+def _sample_seed(pass_seed: int, index: int) -> int:
+    return xxhash.xxh3_64_intdigest(struct.pack("<QQ", pass_seed, index)) & SEED_MAX
+
+
+class _SeededDataset(Dataset[Any]):
+    """Fetches sample ``(pass_seed, index)`` of the wrapped dataset with the global RNGs seeded
+    from both, and restored afterwards."""
+
+    def __init__(self, dataset: Dataset[Any]) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
+        saved = (random.getstate(), np.random.get_state(), torch.default_generator.get_state())
+        try:
+            out = []
+            for pass_seed, index in keys:
+                seed = _sample_seed(pass_seed, index)
+                torch.default_generator.manual_seed(seed)
+                np.random.seed(seed)
+                random.seed(seed)
+                out.append(self.dataset[index])
+            return out
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.default_generator.set_state(saved[2])
+
+
+class _PassSampler(Sampler[list[tuple[int, int]]]):
+    """The batches of one pass, from batch ``start`` on, as lists of ``(pass_seed, index)``."""
+
+    def __init__(self, size: int, batch_size: int, shuffle: bool, drop_last: bool) -> None:
+        self.size, self.batch_size, self.shuffle, self.drop_last = size, batch_size, shuffle, drop_last
+        self.pass_seed, self.start = 0, 0
+
+    def batches(self) -> int:
+        full, rest = divmod(self.size, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def __len__(self) -> int:
+        return self.batches() - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.pass_seed)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        seed, bs = self.pass_seed, self.batch_size
+        for b in range(self.start, self.batches()):
+            yield [(seed, i) for i in order[b * bs : (b + 1) * bs]]
+
+
+class RunLoader:
+    """What ``run.loader`` returns: iterate it like the DataLoader it replaces.
+
+    ``dataset`` and ``batch_size`` are the user's; ``len()`` is the batches of a whole pass.
+    """
+
+    def __init__(self, owner: Any, index: int, dataset: Dataset[Any], *, batch_size: int, shuffle: bool,
+                 drop_last: bool, options: dict[str, Any], digest: str) -> None:
+        self._owner, self.index, self.digest = owner, index, digest
+        self.dataset, self.batch_size, self.shuffle, self.drop_last = dataset, batch_size, shuffle, drop_last
+        self.num_workers = int(options.get("num_workers", 0))
+        self._sampler = _PassSampler(len(dataset), batch_size, shuffle, drop_last)  # type: ignore[arg-type]
+        self._generator = torch.Generator()  # DataLoader draws its workers' base seed from it
+        self._loader: DataLoader[Any] = DataLoader(
+            _SeededDataset(dataset), batch_sampler=self._sampler, generator=self._generator, **options)
+        # position: the epoch and pass of the latest iteration, and batches it has yielded
+        self.epoch, self.passes, self.batch, self.active = -1, 0, 0, False
+        self._resume_at: tuple[int, int, int] | None = None  # (epoch, pass, batch) of a resumed run
+
+    def __len__(self) -> int:
+        return self._sampler.batches()
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "passes": self.passes, "batch": self.batch, "active": int(self.active)}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.passes = int(state["epoch"]), int(state["passes"])
+        self.batch, self.active = 0, False
+        if state["active"]:  # the pass that was under way is iterated again, from its batch
+            self.passes -= 1
+            self._resume_at = (self.epoch, self.passes, int(state["batch"]))
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self._owner.epoch
+        if epoch != self.epoch:
+            self.epoch, self.passes = epoch, 0
+        this_pass = self.passes
+        self.passes += 1
+        start = 0
+        resuming = self._resume_at is not None and self._resume_at[:2] == (epoch, this_pass)
+        if resuming:
+            assert self._resume_at is not None
+            start, self._resume_at = self._resume_at[2], None
+        pass_seed = derive_seed(self._owner.seed, "loader", self.index, epoch, this_pass)
+        self._sampler.pass_seed, self._sampler.start = pass_seed, start
+        self._generator.manual_seed(pass_seed)
+        iterator = iter(self._loader)
+        self.batch, self.active = start, True
+        if resuming:
+            # the rest of the state goes back only now: whatever the script did since the epoch
+            # began (an iter() of another loader draws from the global RNG) happened before the
+            # checkpoint in the uninterrupted run too
+            self._owner._restore_now()
+        return self._batches(iterator)
+
+    def _batches(self, iterator: Iterator[Any]) -> Iterator[Any]:
+        for batch in iterator:
+            self.batch += 1
+            yield batch
+        self.active = False
+
+
+def loader_arguments(source: DataLoader[Any] | Dataset[Any], kwargs: dict[str, Any]
+                     ) -> tuple[Dataset[Any], int, bool, bool, dict[str, Any]]:
+    """(dataset, batch_size, shuffle, drop_last, DataLoader options) from a user's DataLoader or a
+    dataset with DataLoader keyword arguments; refuses what cannot be made exact."""
+    if isinstance(source, DataLoader):
+        if kwargs:
+            raise DataError(f"run.loader got a DataLoader and keyword arguments {sorted(kwargs)}; pass "
+                            "either an existing DataLoader or a dataset with DataLoader arguments")
+        return _from_loader(source)
+    for key, why in _REFUSED.items():
+        if kwargs.get(key) is not None:
+            raise DataError(f"run.loader: {key}= cannot be made exact: {why}")
+    unknown = sorted(set(kwargs) - {*_PASSED, "batch_size", "shuffle", "drop_last", *_REFUSED})
+    if unknown:
+        raise DataError(f"run.loader: unknown DataLoader argument(s) {unknown}; pass {sorted(_PASSED)}, "
+                        "batch_size, shuffle or drop_last")
+    _check_dataset(source)
+    batch_size = kwargs.get("batch_size", 1)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"run.loader: batch_size {batch_size!r} must be an int >= 1")
+    options = {k: kwargs[k] for k in _PASSED if k in kwargs}
+    return source, batch_size, bool(kwargs.get("shuffle", False)), bool(kwargs.get("drop_last", False)), \
+        options
+
+
+def _from_loader(loader: DataLoader[Any]) -> tuple[Dataset[Any], int, bool, bool, dict[str, Any]]:
+    _check_dataset(loader.dataset)
+    if loader.batch_size is None:
+        raise DataError("run.loader: a DataLoader with batch_size=None (or a custom batch_sampler) "
+                        "cannot be made exact; build it with batch_size, shuffle and drop_last")
+    batch_sampler = loader.batch_sampler
+    sampler = batch_sampler.sampler if isinstance(batch_sampler, BatchSampler) else None
+    if type(batch_sampler) is not BatchSampler or type(sampler) not in (RandomSampler, SequentialSampler):
+        name = type(sampler if type(batch_sampler) is BatchSampler else batch_sampler).__name__
+        raise DataError(f"run.loader: the DataLoader's {name} decides the order itself, so reprokit "
+                        "cannot compute it from (seed, epoch) or start it mid-epoch; build the loader "
+                        "with shuffle=True/False instead of a custom sampler")
+    if isinstance(sampler, RandomSampler) and (sampler.replacement or sampler._num_samples is not None):
+        raise DataError("run.loader: a RandomSampler with replacement or num_samples cannot be taken "
+                        "over; build the loader with shuffle=True")
+    options: dict[str, Any] = {
+        "num_workers": loader.num_workers, "collate_fn": loader.collate_fn, "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout, "worker_init_fn": loader.worker_init_fn,
+        "multiprocessing_context": loader.multiprocessing_context,
+        "persistent_workers": loader.persistent_workers,
+    }
+    if loader.num_workers:
+        options["prefetch_factor"] = loader.prefetch_factor
+    return loader.dataset, loader.batch_size, isinstance(sampler, RandomSampler), loader.drop_last, options
+
+
+def _check_dataset(dataset: Any) -> None:
+    if isinstance(dataset, IterableDataset):
+        raise DataError(
+            f"run.loader: an IterableDataset ({type(dataset).__name__}) has no index, so reprokit can "
+            "neither seed its samples nor start it mid-epoch; pass a map-style Dataset (with __len__ "
+            "and __getitem__)"
+        )
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise DataError(f"run.loader: {type(dataset).__name__} is not a map-style Dataset (it needs "
+                        "__len__ and __getitem__)")
+
+
+def with_workers(options: dict[str, Any], num_workers: int | None) -> dict[str, Any]:
+    """``options`` with ``num_workers`` overridden (``REPROKIT_NUM_WORKERS``); worker-only options
+    are dropped for 0 workers, which DataLoader refuses otherwise."""
+    if num_workers is None:
+        return options
+    out = {**options, "num_workers": num_workers}
+    if num_workers == 0:
+        out.pop("prefetch_factor", None)
+        out["persistent_workers"] = False
+    return out
+

@@ -1,0 +1,194 @@
+"""reprokit.Run in one process: a plain 20-line loop reprokit did not write, its errors, and resume logic.
+
+The kill-from-outside tests of a real script are in test_example.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+import reprokit
+from reprokit.checkpoint import list_checkpoints
+from reprokit.errors import ConfigError, DataError, ReprokitError
+from reprokit.rundir import read_metrics
+
+
+class _Noisy(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """A dataset with a random augmentation in __getitem__ drawing from the global torch RNG."""
+
+    def __init__(self, n: int = 96) -> None:
+        g = torch.Generator().manual_seed(123)
+        self.x = torch.randn(n, 6, generator=g)
+        self.y = (self.x.sum(1) > 0).long()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i] + 0.1 * torch.randn(6), self.y[i]
+
+
+def _loop(run_dir: Path, *, epochs: int = 2, stop_after: int | None = None, track: str = "all",
+          **run_kwargs: Any) -> reprokit.RunSummary | None:
+    """A user's loop: its own model with dropout, optimizer, scheduler and an eval loader."""
+    run = reprokit.Run(run_dir, seed=3, config={"lr": 0.1, "epochs": epochs}, **run_kwargs)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    objects: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    if track == "no-scheduler":
+        objects.pop("scheduler")
+    run.track(**objects)
+    train = run.loader(_Noisy(), batch_size=16, shuffle=True)
+    evaluation = DataLoader(_Noisy(32), batch_size=8, shuffle=True)  # draws from the global RNG
+    for _ in run.epochs(epochs):
+        for x, y in train:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            run.step(loss=loss)
+            if stop_after is not None and run.global_step == stop_after:
+                run._close("crashed")  # what a kill leaves: rows and checkpoints on disk, no result
+                return None
+        with torch.no_grad():
+            acc = sum(float((model(x).argmax(1) == y).float().mean()) for x, y in evaluation) / len(evaluation)
+        run.log(val_accuracy=acc)
+        scheduler.step()
+    return run.finish(val_accuracy=acc)
+
+
+def test_two_runs_of_a_plain_loop_are_bitwise_identical(tmp_path: Path) -> None:
+    """The same loop twice gives the same final digest and the same digests.csv."""
+    a, b = _loop(tmp_path / "a"), _loop(tmp_path / "b")
+    assert a is not None and b is not None
+    assert a.final_digest == b.final_digest
+    assert (tmp_path / "a/digests.csv").read_bytes() == (tmp_path / "b/digests.csv").read_bytes()
+    assert a.steps == 12 and a.metric_name == "val_accuracy"
+
+
+@pytest.mark.parametrize("stop_after", [4, 6, 9])
+def test_relaunch_resumes_bit_exact(tmp_path: Path, stop_after: int) -> None:
+    """Abandoned mid-epoch or at an epoch's end, a new Run on the directory finishes bit-exact,
+    metrics.csv and trace.csv included."""
+    ref = _loop(tmp_path / "ref", checkpoint_every=3, trace_every=2)
+    assert _loop(tmp_path / "x", checkpoint_every=3, trace_every=2, stop_after=stop_after) is None
+    resumed = _loop(tmp_path / "x", checkpoint_every=3, trace_every=2)
+    assert ref is not None and resumed is not None
+    assert resumed.final_digest == ref.final_digest
+    assert resumed.resumed_from_step == stop_after // 3 * 3
+    for name in ("metrics.csv", "digests.csv", "trace.csv"):
+        assert (tmp_path / "x" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+
+def test_missing_tracked_name_is_an_error(tmp_path: Path) -> None:
+    """A relaunch tracking fewer objects than the checkpoint holds names the missing one."""
+    _loop(tmp_path / "x", checkpoint_every=3, stop_after=4)
+    with pytest.raises(reprokit.ResumeRefused, match="'scheduler' is not tracked now"):
+        _loop(tmp_path / "x", checkpoint_every=3, track="no-scheduler")
+
+
+def test_other_recipe_is_refused_then_forced_and_recorded(tmp_path: Path) -> None:
+    """A relaunch with another config is refused naming the field; forced, it is logged."""
+    _loop(tmp_path / "x", checkpoint_every=3, stop_after=4)
+    with pytest.raises(reprokit.ResumeRefused, match=r"config\.epochs: 2 -> 3"):
+        _loop(tmp_path / "x", epochs=3, checkpoint_every=3)
+    _loop(tmp_path / "x", epochs=3, checkpoint_every=3, force=True)
+    resumes = json.loads((tmp_path / "x/manifest.json").read_text())["resumes"]
+    assert resumes[-1]["forced"] and "config.epochs: 2 -> 3" in resumes[-1]["differences"]
+
+
+def test_finished_run_exits_zero(tmp_path: Path) -> None:
+    """Run() on a finished run raises RunFinished, a SystemExit with status 0."""
+    _loop(tmp_path / "x")
+    with pytest.raises(reprokit.RunFinished) as info:
+        _loop(tmp_path / "x")
+    assert info.value.code == 0
+
+
+def test_damaged_newest_checkpoint_falls_back(tmp_path: Path) -> None:
+    """A flipped byte in the newest checkpoint: the relaunch resumes from the one before, exactly."""
+    ref = _loop(tmp_path / "ref", checkpoint_every=3)
+    _loop(tmp_path / "x", checkpoint_every=3, stop_after=7)
+    newest = list_checkpoints(tmp_path / "x")[0]
+    data = bytearray((newest / "tensors.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (newest / "tensors.safetensors").write_bytes(bytes(data))
+    resumed = _loop(tmp_path / "x", checkpoint_every=3)
+    assert resumed is not None and ref is not None
+    assert resumed.resumed_from_step == 3
+    assert resumed.final_digest == ref.final_digest
+
+
+def test_metrics_rows_hold_steps_logs_and_the_user_metric(tmp_path: Path) -> None:
+    """metrics.csv has one row per step, the logged val_accuracy per epoch, and result.json its value."""
+    summary = _loop(tmp_path / "x")
+    frame = read_metrics(tmp_path / "x")
+    assert list(frame["kind"]).count("step") == 12
+    logged = frame[frame["kind"] == "log"]
+    assert len(logged) == 2 and logged["val_accuracy"].notna().all()
+    result = json.loads((tmp_path / "x/result.json").read_text())
+    assert summary is not None and result["final_metric"] == pytest.approx(float(logged["val_accuracy"].iloc[-1]))
+    manifest = json.loads((tmp_path / "x/manifest.json").read_text())
+    assert manifest["kind"] == "script" and manifest["config"] == {"lr": 0.1, "epochs": 2}
+    assert manifest["data"]["sources"]["loader0"] and manifest["tracked"]["optimizer"] == "SGD"
+
+
+def test_step_before_track_is_an_error(tmp_path: Path) -> None:
+    """run.step() with nothing tracked says what to call first."""
+    run = reprokit.Run(tmp_path / "x")
+    with pytest.raises(ReprokitError, match=r"call run.track\(model=..."):
+        run.step(loss=1.0)
+    run._close("crashed")
+
+
+def test_untrackable_object_is_an_error(tmp_path: Path) -> None:
+    """Tracking an object without state_dict/load_state_dict names it."""
+    run = reprokit.Run(tmp_path / "x")
+    with pytest.raises(ReprokitError, match=r"run.track\(thing=...\): a list has no state_dict"):
+        run.track(thing=[1, 2])
+    run._close("crashed")
+
+
+def test_loaders_reprokit_cannot_make_exact_are_refused(tmp_path: Path) -> None:
+    """An IterableDataset and a custom sampler are refused with the reason."""
+
+    class Stream(IterableDataset[int]):
+        def __iter__(self) -> Any:
+            return iter(range(3))
+
+    run = reprokit.Run(tmp_path / "x")
+    with pytest.raises(DataError, match="IterableDataset"):
+        run.loader(Stream(), batch_size=2)
+    data = TensorDataset(torch.arange(10.0))
+    sampler = torch.utils.data.WeightedRandomSampler([1.0] * 10, 10)
+    with pytest.raises(DataError, match="WeightedRandomSampler decides the order itself"):
+        run.loader(DataLoader(data, batch_size=2, sampler=sampler))
+    run._close("crashed")
+
+
+def test_existing_dataloader_is_taken_over(tmp_path: Path) -> None:
+    """run.loader(DataLoader(...)) keeps its dataset, batch size, shuffle and drop_last."""
+    run = reprokit.Run(tmp_path / "x")
+    data = TensorDataset(torch.arange(10.0))
+    loader = run.loader(DataLoader(data, batch_size=3, shuffle=True, drop_last=True))
+    assert loader.dataset is data and loader.batch_size == 3 and loader.shuffle and len(loader) == 3
+    batches = [b[0].tolist() for b in loader]
+    assert [len(b) for b in batches] == [3, 3, 3]
+    assert len({v for b in batches for v in b}) == 9  # a permutation, the last sample dropped
+    run._close("crashed")
+
+
+def test_bad_environment_value_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """REPROKIT_THREADS=two names the variable and an example value."""
+    monkeypatch.setenv("REPROKIT_THREADS", "two")
+    with pytest.raises(ConfigError, match=r"REPROKIT_THREADS='two' is not an integer"):
+        reprokit.Run(tmp_path / "x")
