@@ -80,9 +80,9 @@ from reprokit.checkpoint import (
 from reprokit.checkpointer import Checkpointer, update_only
 from reprokit.config import TrainConfig
 from reprokit.digests import source_digest
-from reprokit.resume import resume
+from reprokit.resumer import resume
 from reprokit.seeding import capture_rng_state
-from reprokit.train import build_session, train
+from reprokit.trainer import build_session, train
 
 TARGET_SAVE, TARGET_ASYNC, TARGET_RESUME = 1.15, 0.10, 1.0
 CONFIG = TrainConfig(model="resnet18", optimizer="adam", lr=1e-3, steps=3, batch_size=32, threads=1)

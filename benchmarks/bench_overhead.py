@@ -30,7 +30,7 @@ from torch import nn
 from reprokit.config import TrainConfig
 from reprokit.data import load_dataset
 from reprokit.models import build_model
-from reprokit.train import train
+from reprokit.trainer import train
 
 TARGET_OFF = 1.03
 TARGET_ON = 1.10

@@ -30,7 +30,7 @@ from common import repeats_and_steps, training_parser, verdict
 from reprokit.callbacks import Callback, TrainState
 from reprokit.config import TrainConfig
 from reprokit.trace import Tracer
-from reprokit.train import train
+from reprokit.trainer import train
 
 TARGETS = {1: 1.10, 10: 1.02}  # trace interval -> largest acceptable loop-time ratio
 THREADS = 1

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from reprokit.config import TrainConfig
 from reprokit.digests import first_divergence, max_abs_diff
 from reprokit.errors import ConfigError
-from reprokit.train import RunResult, show_progress, train
+from reprokit.trainer import RunResult, show_progress, train
 
 FACTORS = ("threads", "deterministic", "num_workers")  # the factors the issue asks for, at least
 NONE = "none"  # the ``changed`` value of runs with every factor at its base value

@@ -70,7 +70,7 @@ def callback_keys(callbacks: tuple[Callback, ...]) -> list[str]:
 def config_callbacks(config: TrainConfig, run_dir: str | Path | None) -> tuple[Callback, ...]:
     """The callbacks the config asks for (``trace_every``: a Tracer writing into the run dir; a
     fine-tune's Freezer); appended after the caller's, so a resume rebuilds them at the same place."""
-    from reprokit.finetune import finetune_callbacks  # both build on this module
+    from reprokit.finetuning import finetune_callbacks  # both build on this module
     from reprokit.trace import Tracer
 
     tracer = (Tracer(run_dir, every=config.trace_every),) if config.trace_every else ()

@@ -7,14 +7,12 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-import yaml
-
-from reprokit.config import TrainConfig
+# each command imports what it needs (torch, pandas, yaml) in its body, so that building the parser
+# and `--help` stay fast; tests/test_packaging.py checks --help loads no torch
 from reprokit.errors import ConfigError, ReprokitError
 
 if TYPE_CHECKING:
-    from reprokit.train import RunResult
+    from reprokit.trainer import RunResult
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,8 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from reprokit.config import TrainConfig
     from reprokit.faults import Faults
-    from reprokit.train import train
+    from reprokit.trainer import train
 
     config = TrainConfig.from_file(args.config)
     faults = Faults(crash_at_step=args.crash_at_step, crash_during_save=args.crash_during_save)
@@ -40,7 +39,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from reprokit.resume import resume
+    from reprokit.resumer import resume
 
     changes: dict[str, Any] = dict(_assignment(a) for a in args.set)
     if args.threads is not None:
@@ -59,6 +58,8 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from reprokit.checkpoint import verify_run
     from reprokit.rundir import MANIFEST, read_json
 
@@ -74,6 +75,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from reprokit.ledger import runs
 
     filters: dict[str, Any] = dict(_assignment(a) for a in args.where)
@@ -87,7 +90,9 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _lineage(args: argparse.Namespace) -> int:
-    from reprokit.finetune import lineage
+    import pandas as pd
+
+    from reprokit.finetuning import lineage
 
     table = lineage(args.run_dir)
     with pd.option_context("display.max_colwidth", 60, "display.width", 250, "display.max_columns", 20):
@@ -96,6 +101,8 @@ def _lineage(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from reprokit.compare import compare_runs
 
     comparison = compare_runs(args.a, args.b)
@@ -112,7 +119,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from reprokit.reproduce import reproduce
+    from reprokit.reproduction import reproduce
 
     changes: dict[str, Any] = dict(_assignment(a) for a in args.set)
     if args.threads is not None:
@@ -131,6 +138,8 @@ def _print_result(result: RunResult) -> None:
 
 def _assignment(text: str) -> tuple[str, Any]:
     """``key=value`` with the value read as YAML (so 2 is an int, true a bool, 1e-3 a float)."""
+    import yaml
+
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {text!r} is not key=value; pass e.g. --set checkpoint_every=10")

@@ -54,7 +54,7 @@ class TrainConfig:
     checkpoint_seconds: float = 0.0  # ... and/or every T seconds of wall time; 0 = off
     keep_last: int = 3  # checkpoints kept; older ones are pruned only after a new one verifies
     async_save: bool = False  # write checkpoints in a background thread; the step waits only for a copy
-    # fine-tuning (reprokit.finetune): start from a parent model instead of a random initialisation
+    # fine-tuning (reprokit.finetuning): start from a parent model instead of a random initialisation
     train_limit: int | None = None  # keep only this many training samples: a low-data task; None = all
     init_from: str | None = None  # parent: a finished run directory, or a .safetensors/.pt(h) state_dict
     finetune: str = "full"  # with init_from: "full", "feature_extraction" (head only) or "two_stage"

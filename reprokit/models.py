@@ -98,7 +98,7 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-# how a fine-tune trains a pretrained backbone under a fresh head (reprokit.finetune)
+# how a fine-tune trains a pretrained backbone under a fresh head (reprokit.finetuning)
 STRATEGIES = ("full", "feature_extraction", "two_stage")
 ParamGroups = list[torch.nn.Parameter] | list[dict[str, Any]]
 

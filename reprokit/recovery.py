@@ -36,7 +36,7 @@ from reprokit.config import TrainConfig
 from reprokit.digests import max_abs_diff
 from reprokit.errors import ReprokitError
 from reprokit.rundir import METRICS, read_json, read_metrics
-from reprokit.train import RunResult, train
+from reprokit.trainer import RunResult, train
 
 PHASES = ("step", "save", "external")
 DAMAGES = ("truncated", "flipped byte", "missing file", "malicious pickle", "other architecture",
@@ -142,7 +142,7 @@ def fault_matrix(
     Returns:
         The fault table (one row per kill point and resume setting) and the reference result.
     """
-    from reprokit.resume import resume  # resume imports train; kept local so train can import us
+    from reprokit.resumer import resume  # resume imports train; kept local so train can import us
 
     if not (config.checkpoint_every or config.checkpoint_seconds):
         raise RecoveryError("the config saves no checkpoints; set checkpoint_every (e.g. 10)")
@@ -268,7 +268,7 @@ class _Exploit:
 def corruption_table(config: TrainConfig, work_dir: str | Path) -> pd.DataFrame:
     """Damage the newest checkpoint of a run in each way of ``DAMAGES``; say what verify and
     resume make of it. ``config`` must save at least two checkpoints."""
-    from reprokit.resume import pick_checkpoint
+    from reprokit.resumer import pick_checkpoint
 
     work = Path(work_dir)
     base = work / "base"

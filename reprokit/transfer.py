@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 from reprokit.config import TrainConfig
 from reprokit.data import load_dataset
 from reprokit.errors import ConfigError
-from reprokit.finetune import set_trainable, unfreeze_step
+from reprokit.finetuning import set_trainable, unfreeze_step
 from reprokit.models import STRATEGIES, build_model, count_parameters
 from reprokit.rundir import read_metrics
-from reprokit.train import show_progress, train
+from reprokit.trainer import show_progress, train
 
 SCRATCH = "scratch"  # the baseline: the same downstream run from a freshly seeded model
 

@@ -1,9 +1,13 @@
-"""Packaging: pyproject and environment.yml agree; notebooks are parameterized and thin."""
+"""Packaging: pyproject and environment.yml agree; the package imports light; notebooks are thin."""
 
 from __future__ import annotations
 
+import ast
 import json
+import pkgutil
 import re
+import subprocess
+import sys
 import tomllib
 from dataclasses import fields
 from pathlib import Path
@@ -17,6 +21,8 @@ from reprokit import TrainConfig
 ROOT = Path(__file__).parent.parent
 # study settings, not run config
 AUDIT_PARAMETERS = {"factor_seeds", "seeds", "repeats", "vary", "jobs", "profile"}
+# seconds of imports each; `import reprokit` and `reprokit --help` must not pay for them
+HEAVY = ("torch", "matplotlib", "scipy", "pandas")
 
 
 def _name(requirement: str) -> str:
@@ -35,10 +41,54 @@ def test_environment_yml_and_pyproject_name_the_same_packages() -> None:
     assert pins <= listed  # torch and torchvision pinned identically in both
 
 
+def _loaded_after(script: str) -> list[str]:
+    """The heavy packages a fresh interpreter has loaded after running ``script``."""
+    check = f"{script}\nimport sys\nprint(*[m for m in {HEAVY!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()[-1].split()  # the last line: the script's own output comes first
+
+
+def test_import_reprokit_loads_no_heavy_package() -> None:
+    """`import reprokit` loads none of torch, matplotlib, scipy or pandas."""
+    assert _loaded_after("import reprokit") == []
+
+
+def test_cli_help_exits_0_without_torch() -> None:
+    """`python -m reprokit --help` exits 0, and printing the help loads no torch or pandas."""
+    done = subprocess.run([sys.executable, "-m", "reprokit", "--help"], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.startswith("usage: reprokit"), done.stderr
+    script = ("from reprokit.cli import main\n"
+              "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code")
+    assert _loaded_after(script) == []
+
+
 def test_public_surface_is_exported() -> None:
-    """Everything in reprokit.__all__ exists."""
-    missing = [name for name in reprokit.__all__ if not hasattr(reprokit, name)]
+    """Every name in reprokit.__all__ resolves via getattr."""
+    missing = []
+    for name in reprokit.__all__:
+        try:
+            getattr(reprokit, name)
+        except AttributeError:
+            missing.append(name)
     assert missing == []
+
+
+def test_no_export_shadows_a_submodule() -> None:
+    """No name in reprokit.__all__ is also the name of a reprokit submodule."""
+    submodules = {m.name for m in pkgutil.iter_modules(reprokit.__path__)}
+    assert submodules and set(reprokit.__all__) & submodules == set()
+
+
+def test_type_checking_imports_mirror_the_lazy_exports() -> None:
+    """The TYPE_CHECKING imports in reprokit/__init__.py name exactly the lazy exports' modules."""
+    tree = ast.parse((ROOT / "reprokit" / "__init__.py").read_text())
+    block = next(node for node in tree.body
+                 if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
+    imported = {alias.name: node.module for node in block.body if isinstance(node, ast.ImportFrom)
+                for alias in node.names}
+    assert imported == {name: f"reprokit.{module}" for name, module in reprokit._EXPORTS.items()}
 
 
 def test_notebooks_are_parameterized_and_thin() -> None:

@@ -15,7 +15,7 @@ from reprokit import TrainConfig, train
 from reprokit.callbacks import Callback, TrainState
 from reprokit.data import load_dataset
 from reprokit.digests import tensor_digest
-from reprokit.resume import resume
+from reprokit.resumer import resume
 from reprokit.rundir import read_digests
 from reprokit.trace import (
     IMPORTANCE,

@@ -45,7 +45,7 @@ from reprokit.digests import model_digest
 from reprokit.errors import ConfigError, ReprokitError
 from reprokit.models import ParamGroups, head_name
 from reprokit.rundir import MANIFEST, MODEL, RESULT, WEIGHTS, WEIGHTS_ORDER, read_json
-from reprokit.train import RunResult, Session, train
+from reprokit.trainer import RunResult, Session, train
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 _SHOWN = 4  # mismatching tensor names listed in an error

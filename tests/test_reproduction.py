@@ -1,4 +1,4 @@
-"""reprokit.reproduce: rerun a finished run from its manifest and judge the rerun."""
+"""reprokit.reproduction: rerun a finished run from its manifest and judge the rerun."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from reprokit import TrainConfig, train
 from reprokit.cli import main
-from reprokit.reproduce import ReproduceError, reproduce
+from reprokit.reproduction import ReproduceError, reproduce
 from reprokit.rundir import MANIFEST, WEIGHTS
 
 CONFIG = TrainConfig(model="cnn", dataset="digits", steps=15, batch_size=32, threads=1)

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from reprokit import TrainConfig, train
+from reprokit import TrainConfig, resumer, train
 from reprokit.checkpoint import TMP_PREFIX, list_checkpoints
 from reprokit.cli import main
 from reprokit.recovery import KillPoint, damage_checkpoint, kill_run
-from reprokit.resume import ResumeError, resume
+from reprokit.resumer import ResumeError, resume
 from reprokit.rundir import read_json, read_metrics
-from reprokit.train import RunResult
+from reprokit.trainer import RunResult
 
 # digits: 1,438 training samples / 128 = 12 batches an epoch, so step 12 ends epoch 0 and 24 epoch 1.
 # Adam and a cosine schedule, so optimizer moments and scheduler state must come back too.
@@ -119,7 +118,7 @@ def test_changed_code_version_is_refused(
 ) -> None:
     """A checkpoint written by other reprokit code is refused, naming the code version."""
     run_dir = _fresh(killed, "mid-epoch", tmp_path)
-    monkeypatch.setattr(sys.modules["reprokit.resume"], "source_digest", lambda: "0" * 32)
+    monkeypatch.setattr(resumer, "source_digest", lambda: "0" * 32)
     with pytest.raises(ResumeError, match="reprokit code version"):
         resume(run_dir, progress=False)
 
@@ -171,9 +170,7 @@ def test_changed_dataset_digest_is_refused(
     """If the data no longer hashes to what the checkpoint recorded, resume refuses and shows both."""
     import dataclasses
 
-    from reprokit.train import Session, build_session
-
-    resume_module = sys.modules["reprokit.resume"]  # reprokit.resume, the attribute, is the function
+    from reprokit.trainer import Session, build_session
 
     def other_data(config: TrainConfig) -> Session:
         session = build_session(config)
@@ -181,7 +178,7 @@ def test_changed_dataset_digest_is_refused(
         return session
 
     run_dir = _fresh(killed, "mid-epoch", tmp_path)
-    monkeypatch.setattr(resume_module, "build_session", other_data)
+    monkeypatch.setattr(resumer, "build_session", other_data)
     with pytest.raises(ResumeError, match=r"data digest: [0-9a-f]{32} -> f{32}"):
         resume(run_dir, progress=False)
 

@@ -27,9 +27,9 @@ from reprokit.compare import Comparison, compare_runs
 from reprokit.config import TrainConfig
 from reprokit.data import load_dataset
 from reprokit.errors import ReprokitError
-from reprokit.finetune import LineageError, load_parent
+from reprokit.finetuning import LineageError, load_parent
 from reprokit.rundir import MANIFEST, RESULT, read_json
-from reprokit.train import train
+from reprokit.trainer import train
 
 DEFAULT_TOLERANCE = 0.01  # absolute difference of the final metric (accuracy: one point in a hundred)
 VERDICTS = ("bitwise", "within tolerance", "failed")

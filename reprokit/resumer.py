@@ -32,7 +32,7 @@ from reprokit.data import batches_per_epoch
 from reprokit.digests import model_digest, source_digest
 from reprokit.errors import ReprokitError
 from reprokit.faults import NO_FAULTS, Faults
-from reprokit.finetune import verify_parent
+from reprokit.finetuning import verify_parent
 from reprokit.ledger import LedgerEntry
 from reprokit.rundir import (
     MANIFEST,
@@ -44,7 +44,7 @@ from reprokit.rundir import (
     read_metrics,
 )
 from reprokit.seeding import RngState, restore_rng_state
-from reprokit.train import ResumeInfo, RunResult, Session, build_session, run_loop
+from reprokit.trainer import ResumeInfo, RunResult, Session, build_session, run_loop
 
 
 class ResumeError(ReprokitError):

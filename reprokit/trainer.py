@@ -2,7 +2,7 @@
 
 build (seed, data, model, optimizer, loader) -> loop over steps -> evaluate -> write the result.
 Per-step work is kept small: a loss ``.item()``, a CSV row and, every ``digest_every`` steps,
-one xxh3 digest per tensor. ``reprokit.resume`` rebuilds the same session from a checkpoint and
+one xxh3 digest per tensor. ``reprokit.resumer`` rebuilds the same session from a checkpoint and
 re-enters the same loop.
 """
 
@@ -115,7 +115,7 @@ class Session:
     loader: DataLoader[tuple[torch.Tensor, torch.Tensor]]
     sampler: EpochBatchSampler
     total_steps: int
-    parent: dict[str, Any] | None = None  # the manifest's lineage entry of a fine-tune (reprokit.finetune)
+    parent: dict[str, Any] | None = None  # the manifest's lineage entry of a fine-tune (reprokit.finetuning)
 
     def generators(self) -> dict[str, torch.Generator]:
         """The torch.Generators in use besides the global one."""
@@ -127,7 +127,7 @@ def build_session(config: TrainConfig) -> Session:
     """Seed, load the data and build model, optimizer, scheduler and loader, in a fixed order
     (the model's initial weights come from the global RNG right after seeding; a fine-tune then
     loads its parent over all but the head)."""
-    from reprokit.finetune import prepare  # finetune builds on this module
+    from reprokit.finetuning import prepare  # finetune builds on this module
 
     seeds = seed_everything(config.seed, deterministic=config.deterministic, threads=config.threads)
     data = load_dataset(config.dataset, split_seed=config.split_seed, val_fraction=config.val_fraction,
