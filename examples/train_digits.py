@@ -65,7 +65,8 @@ def train(args, model, train_loader, optimizer, epoch):
         loss.backward()
         optimizer.step()
         if batch_idx % args.log_interval == 0:
-            print(f"epoch {epoch} [{batch_idx * len(data)}/{len(train_loader.dataset)}] loss {loss.item():.4f}")
+            seen = batch_idx * len(data)
+            print(f"epoch {epoch} [{seen}/{len(train_loader.dataset)}] loss {loss.item():.4f}")
 
 
 def test(model, test_loader):

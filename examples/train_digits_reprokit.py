@@ -8,7 +8,6 @@ See train_digits_reprokit.py for the same script with reprokit added.
 
 import argparse
 
-import reprokit
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
@@ -16,6 +15,8 @@ from torch import nn
 from torch.optim.lr_scheduler import StepLR
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
+
+import reprokit
 
 
 class Digits(Dataset):
@@ -67,7 +68,8 @@ def train(args, model, train_loader, optimizer, epoch, run):
         optimizer.step()
         run.step(loss=loss)
         if batch_idx % args.log_interval == 0:
-            print(f"epoch {epoch} [{batch_idx * len(data)}/{len(train_loader.dataset)}] loss {loss.item():.4f}")
+            seen = batch_idx * len(data)
+            print(f"epoch {epoch} [{seen}/{len(train_loader.dataset)}] loss {loss.item():.4f}")
 
 
 def test(model, test_loader):

@@ -48,6 +48,11 @@ _EXPORTS: dict[str, str] = {
     "load_dataset": "data",
     "make_loader": "data",
     "build_model": "models",
+    "Run": "run",
+    "RunFinished": "run",
+    "RunSummary": "run",
+    "ResumeRefused": "run",
+    "EXIT_STOPPED": "run",
     "Callback": "callbacks",
     "TrainState": "callbacks",
     "RunResult": "trainer",
@@ -124,6 +129,11 @@ if TYPE_CHECKING:
     from reprokit.reproduction import reproduce as reproduce
     from reprokit.resumer import ResumeError as ResumeError
     from reprokit.resumer import resume as resume
+    from reprokit.run import EXIT_STOPPED as EXIT_STOPPED
+    from reprokit.run import ResumeRefused as ResumeRefused
+    from reprokit.run import Run as Run
+    from reprokit.run import RunFinished as RunFinished
+    from reprokit.run import RunSummary as RunSummary
     from reprokit.seeding import SeedRecord as SeedRecord
     from reprokit.seeding import capture_rng_state as capture_rng_state
     from reprokit.seeding import make_generator as make_generator

@@ -15,18 +15,17 @@ import torch
 from torch import nn
 
 from reprokit.config import TrainConfig
-from reprokit.data import DatasetBundle
 
 
 @dataclass
 class TrainState:
     """What callbacks see after each optimizer step."""
 
-    config: TrainConfig
+    config: Any  # the built-in trainer's TrainConfig; a user's run: its config mapping
     model: nn.Module
-    optimizer: torch.optim.Optimizer
-    data: DatasetBundle
-    total_steps: int
+    optimizer: torch.optim.Optimizer | None
+    data: Any  # the built-in trainer's DatasetBundle; None for a user's run
+    total_steps: int  # 0 when unknown (a user's loop)
     step: int = 0  # optimizer steps taken
     epoch: int = 0
     batch: int = 0  # batches of this epoch consumed

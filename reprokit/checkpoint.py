@@ -254,7 +254,7 @@ def read_checkpoint(path: str | Path) -> tuple[CheckpointMeta, dict[str, Any]]:
             state = tensorfile.join(state, tensorfile.read(path / TENSORS_FILE))
         except Exception as e:  # a forged file: its digest matched, its content is not ours
             raise CheckpointError(f"{path / TENSORS_FILE}: its tensors do not fit state.pt ({e!r})") from e
-    missing = {MODEL_KEY, OPTIMIZER_KEY, RNG_KEY} - set(state)
+    missing = {MODEL_KEY, RNG_KEY} - set(state)  # a script run's optimizers are among its tracked objects
     if missing:
         raise CheckpointError(f"{path / STATE_FILE}: lacks {sorted(missing)}; not a reprokit checkpoint")
     return meta, state

@@ -28,23 +28,56 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from reprokit.config import TrainConfig
+    from pathlib import Path
+
+    from reprokit.config import TrainConfig, config_differences
     from reprokit.faults import Faults
+    from reprokit.resumer import resume
+    from reprokit.rundir import MANIFEST, RESULT, read_json
     from reprokit.trainer import train
 
     config = TrainConfig.from_file(args.config)
     faults = Faults(crash_at_step=args.crash_at_step, crash_during_save=args.crash_during_save)
-    _print_result(train(config, args.run_dir, faults=faults))
+    run_dir = Path(args.run_dir)
+    if not (run_dir / MANIFEST).is_file():  # a new run (or one killed before its manifest was written)
+        _print_result(train(config, run_dir, faults=faults))
+        return 0
+    # relaunch = resume: the cluster-requeue idiom (the same command, run again after a kill)
+    if (run_dir / RESULT).is_file():
+        digest = read_json(run_dir, RESULT).get("final_digest")
+        print(f"run {str(run_dir)!r} already finished (final digest {digest}); nothing to do")
+        return 0
+    recorded = read_json(run_dir, MANIFEST).get("config")
+    if not isinstance(recorded, dict) or read_json(run_dir, MANIFEST).get("kind") == "script":
+        raise ReprokitError(f"{str(run_dir)!r} holds a run of a script, not of the built-in trainer; "
+                            f"continue it with `reprokit resume {run_dir}`")
+    differences = config_differences(recorded, config.to_dict())
+    if differences and not args.force:
+        raise ReprokitError(f"{str(run_dir)!r} holds an unfinished run of another config: "
+                            f"{'; '.join(differences)}; pass the same config, a new --run-dir, or --force")
+    changes = {k: v for k, v in config.to_dict().items() if recorded.get(k) != v}
+    _print_resumed(resume(run_dir, changes=changes, force=args.force))
     return 0
 
 
 def _resume(args: argparse.Namespace) -> int:
+    from reprokit.relaunch import is_script_run, run_recorded
     from reprokit.resumer import resume
 
+    if is_script_run(args.run_dir):  # re-execute the recorded command: its reprokit.Run resumes
+        if args.set or args.threads is not None:
+            raise ReprokitError("--set/--threads apply to built-in runs; a script run resumes with its "
+                                "own recorded command (set REPROKIT_THREADS and --force to change threads)")
+        env = {"REPROKIT_PROGRESS": "0"} if not sys.stderr.isatty() else {}
+        return run_recorded(args.run_dir, args.run_dir, force=args.force, env=env)
     changes: dict[str, Any] = dict(_assignment(a) for a in args.set)
     if args.threads is not None:
         changes["threads"] = args.threads
-    result = resume(args.run_dir, changes=changes, force=args.force)
+    _print_resumed(resume(args.run_dir, changes=changes, force=args.force))
+    return 0
+
+
+def _print_resumed(result: RunResult) -> None:
     info = result.resume
     assert info is not None
     for name, why in info.skipped:
@@ -54,7 +87,6 @@ def _resume(args: argparse.Namespace) -> int:
     for diff in info.differences:
         print(f"forced       {diff}")
     _print_result(result)
-    return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -63,7 +95,10 @@ def _verify(args: argparse.Namespace) -> int:
     from reprokit.checkpoint import verify_run
     from reprokit.rundir import MANIFEST, read_json
 
-    table = verify_run(args.run_dir, config=read_json(args.run_dir, MANIFEST)["config"])
+    manifest = read_json(args.run_dir, MANIFEST)
+    # a built-in run's checkpoints are also checked against the model its config builds
+    config = manifest.get("config") if manifest.get("kind") != "script" else None
+    table = verify_run(args.run_dir, config=config)
     if table.empty:
         print(f"{args.run_dir}: no checkpoints")
         return 1
@@ -119,12 +154,23 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from reprokit.relaunch import is_script_run, reproduce_script
     from reprokit.reproduction import reproduce
 
     changes: dict[str, Any] = dict(_assignment(a) for a in args.set)
     if args.threads is not None:
         changes["threads"] = args.threads
-    rep = reproduce(args.run_dir, args.out, changes=changes, tolerance=args.tolerance)
+    if is_script_run(args.run_dir):
+        if args.set:
+            raise ReprokitError("--set applies to built-in runs; a script run is reproduced with its own "
+                                "recorded command (--threads sets REPROKIT_THREADS)")
+        env = {"REPROKIT_THREADS": str(args.threads)} if args.threads is not None else {}
+        out = args.out or f"{Path(args.run_dir)}-reproduced"
+        rep = reproduce_script(args.run_dir, out, tolerance=args.tolerance, env=env)
+    else:
+        rep = reproduce(args.run_dir, args.out, changes=changes, tolerance=args.tolerance)
     print(rep.describe())
     return 0 if rep.verdict != "failed" else 1
 
@@ -170,13 +216,17 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train from a config file into a run directory")
     p.add_argument("--config", required=True, help="a .yaml or .json TrainConfig")
-    p.add_argument("--run-dir", required=True, help="a new directory for the run's records")
+    p.add_argument("--run-dir", required=True, help="the run's directory: new, or a killed run of the "
+                   "same config to resume (relaunching the same command resumes; finished: exit 0)")
+    p.add_argument("--force", action="store_true",
+                   help="resume a run of another config (the differences are recorded in the manifest)")
     p.add_argument("--crash-at-step", type=int, metavar="K",
                    help="fault injection: SIGKILL right after optimizer step K")
     p.add_argument("--crash-during-save", type=int, metavar="K",
                    help="fault injection: SIGKILL half-way through writing the checkpoint of step K")
     p.set_defaults(func=_train)
-    p = sub.add_parser("resume", help="finish a killed run from its newest valid checkpoint")
+    p = sub.add_parser("resume", help="finish a killed run from its newest valid checkpoint (a script "
+                       "run: re-execute its recorded command)")
     p.add_argument("run_dir", help="the run directory")
     p.add_argument("--threads", type=int, help="resume with this many intra-op threads (needs --force)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -21,7 +21,16 @@ import pandas as pd
 from reprokit.checkpoint import MODEL_KEY, CheckpointError, list_checkpoints, read_checkpoint
 from reprokit.digests import first_divergence, max_abs_diff
 from reprokit.provenance import manifest_differences
-from reprokit.rundir import MANIFEST, MODEL, RESULT, read_digests, read_json, read_metrics, read_model
+from reprokit.rundir import (
+    MANIFEST,
+    MODEL,
+    RESULT,
+    read_digests,
+    read_json,
+    read_metrics,
+    read_model,
+    step_rows,
+)
 from reprokit.trace import TRACE, read_trace
 
 GAP_COLUMNS = ("step", "differing_tensors", "loss_a", "loss_b", "loss_diff", "param_norm_gap",
@@ -113,7 +122,8 @@ def _result(run_dir: Path) -> dict[str, Any] | None:
 
 def _gap(a: Path, b: Path, final_gap: float, result_a: dict[str, Any] | None,
          result_b: dict[str, Any] | None) -> pd.DataFrame:
-    metrics = pd.merge(read_metrics(a)[["step", "loss"]], read_metrics(b)[["step", "loss"]],
+    columns = ["step", "loss"]
+    metrics = pd.merge(step_rows(read_metrics(a))[columns], step_rows(read_metrics(b))[columns],
                        on="step", suffixes=("_a", "_b"))
     metrics["loss_diff"] = (metrics["loss_a"] - metrics["loss_b"]).abs()
     history_b = dict(read_digests(b))

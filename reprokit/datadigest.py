@@ -120,7 +120,7 @@ def _is_content(value: Any) -> bool:
     return False
 
 
-class _seeded_rngs:  # noqa: N801 - used as a context manager like contextlib's
+class _seeded_rngs:
     """Save the global RNGs on entry and put them back on exit: digesting draws nothing."""
 
     def __enter__(self) -> None:

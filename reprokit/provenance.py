@@ -354,3 +354,61 @@ def manifest_table(manifest: Mapping[str, Any]) -> pd.DataFrame:
                                          "code", "environment", "lineage"))}
     rows.sort(key=lambda r: (order.get(r[0], len(order)), r[1]))
     return pd.DataFrame(rows, columns=["section", "field", "value"], dtype=object)
+
+
+def script_manifest(
+    config: Mapping[str, Any],
+    seeds: SeedRecord,
+    *,
+    code: CodeState,
+    entry: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The manifest of a run of a user's own loop (``reprokit.Run``), before its data is known.
+
+    ``config`` is the user's (any JSON mapping), ``code`` the checkout holding the entry script,
+    ``entry`` how the process was started, ``settings`` how the run is recorded (digests, trace,
+    checkpoints: they change no bit) and ``overrides`` the ``REPROKIT_*`` variables in force. The
+    data section and the tracked objects are added before the first step, with the fingerprint.
+    """
+    manifest: dict[str, Any] = {
+        "manifest_version": MANIFEST_VERSION,
+        "kind": "script",
+        "run_id": uuid.uuid4().hex,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": dict(config),
+        "settings": dict(settings),
+        "seeding": seeds.to_dict(),
+        "rng_state_digest": _rng_state_digest(),
+        "data": {"digest": None, "sources": {}},
+        "environment": environment(),
+        "code": {**code.to_dict(), "reprokit_source": source_digest(), "reprokit_version": __version__},
+        "entry": dict(entry),
+        "overrides": dict(overrides),
+        "lineage": {"parent": None},
+    }
+    manifest["fingerprint"] = fingerprint(manifest)
+    return manifest
+
+
+# what must be equal for a relaunch to continue a user's run: the recipe, not how it is recorded
+_RECIPE_KEYS = ("config", "seeding.seed", "seeding.deterministic", "seeding.threads",
+                "code.commit", "code.diff_digest", "code.reprokit_source", "entry.script_digest",
+                "entry.module", "entry.argv", "environment.python", "environment.torch",
+                "environment.numpy", "environment.packages_digest")
+
+
+def recipe_differences(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``key: old -> new`` for every recipe entry of two script manifests that differs.
+
+    ``entry.argv[0]`` (how the script was named on the command line) does not count.
+    """
+    flat_a, flat_b = _flatten(stored), _flatten(new)
+    out = []
+    for key in sorted(flat_a.keys() | flat_b.keys()):
+        if key == "entry.argv.0" or not any(key == k or key.startswith(f"{k}.") for k in _RECIPE_KEYS):
+            continue
+        if flat_a.get(key) != flat_b.get(key):
+            out.append(f"{key}: {flat_a.get(key)!r} -> {flat_b.get(key)!r}")
+    return out

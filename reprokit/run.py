@@ -23,6 +23,7 @@ the current step with a verified checkpoint, exit status :data:`EXIT_STOPPED`.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import signal
 import sys
@@ -164,7 +165,7 @@ class Run:
             raise ReprokitError("run.track() after the run began; track every object before the first "
                                 "run.epochs()/run.step()")
         for name, obj in objects.items():
-            if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+            if not all(callable(getattr(obj, m, None)) for m in ("state_dict", "load_state_dict")):
                 raise ReprokitError(f"run.track({name}=...): a {type(obj).__name__} has no state_dict() and "
                                     "load_state_dict(), so a checkpoint cannot hold it; track the object "
                                     "that owns its state")
@@ -214,8 +215,8 @@ class Run:
         step = self.global_step
         if step == self._crash_at_step:
             kill_self()
-        row: dict[str, Any] = {"step": step, "epoch": self.epoch, "kind": "step",
-                               "loss": _number("loss", loss) if loss is not None else math.nan, "lr": self._lr()}
+        row: dict[str, Any] = {"step": step, "epoch": self.epoch, "kind": "step", "lr": self._lr(),
+                               "loss": _number("loss", loss) if loss is not None else math.nan}
         if metrics:
             row["metrics"] = {k: _number(k, v) for k, v in metrics.items()}
         digests = None
@@ -288,7 +289,8 @@ class Run:
         self._state = TrainState(self._manifest["config"], modules[0], self._first_optimizer(), None, 0)
         if self._resumed is None:
             self._manifest = self._writer_begin(sources)
-            self._writer.step(_csv_row({"step": 0, "epoch": 0, "kind": "init"}), state_digests(self._module_state()))
+            initial = state_digests(self._module_state())  # step 0: the initial parameters
+            self._writer.step(_csv_row({"step": 0, "epoch": 0, "kind": "init"}), initial)
             if self._tracer is not None:
                 self._tracer.on_train_start(self._state)
             return
@@ -354,7 +356,8 @@ class Run:
         active = [ld for ld in self._loaders if ld.active]
         state: dict[str, Any] = {
             MODEL_KEY: self._module_state(),
-            TRACKED_KEY: {n: o.state_dict() for n, o in self._tracked.items() if not isinstance(o, nn.Module)},
+            TRACKED_KEY: {n: o.state_dict() for n, o in self._tracked.items()
+                          if not isinstance(o, nn.Module)},
             RNG_KEY: capture_rng_state().to_dict(),
             CALLBACKS_KEY: {_TRACER_KEY: self._tracer.state_dict()} if self._tracer is not None else {},
             POSITION_KEY: {"loaders": {str(ld.index): ld.state() for ld in self._loaders},
@@ -414,16 +417,14 @@ class Run:
 
     def _at_exit(self) -> None:
         """A script that raised (or returned without finish()) leaves the run crashed, resumable."""
-        try:
+        with contextlib.suppress(Exception):  # exiting anyway; the run directory is consistent
             self._close("crashed")
-        except Exception:  # the interpreter is exiting; the run directory is already consistent
-            pass
 
 
 def _install_signals(handler: Any) -> dict[int, Any]:
     if threading.current_thread() is not threading.main_thread():
         return {}
-    previous = {}
+    previous: dict[int, Any] = {}
     for signum in (signal.SIGTERM, signal.SIGINT):
         previous[signum] = signal.signal(signum, handler)
     return previous

@@ -39,7 +39,9 @@ WEIGHTS_ORDER = "names"  # safetensors header entry: the state_dict order (the f
 RESULT = "result.json"
 RESUMES = "resumes"  # manifest key: one entry per resume, appended
 DIGEST_COLUMNS = ("step", "tensor", "digest")
-METRIC_COLUMNS = ("step", "epoch", "loss", "lr", "digest", "val_loss", "val_metric")
+# kind: "step" (one per optimizer step), "log" (run.log between steps), "init" (a script run's step 0);
+# metrics: a script run's own metrics as a JSON object (read_metrics spreads them into columns)
+METRIC_COLUMNS = ("step", "epoch", "loss", "lr", "digest", "val_loss", "val_metric", "kind", "metrics")
 
 
 class RunDirError(ReprokitError):
@@ -112,6 +114,11 @@ class RunWriter:
     def manifest_digest(self) -> str:
         return self._manifest_digest
 
+    def rewrite_manifest(self, manifest: Mapping[str, Any]) -> None:
+        """Replace the manifest before the first step (a script run adds its data digests then)."""
+        atomic_write_json(self.path / MANIFEST, manifest)
+        self._manifest_digest = manifest_digest(manifest)
+
     def sync(self) -> dict[str, int]:
         """Flush and fsync the append-only files; return their byte lengths (a checkpoint keeps
         them, so a resume can drop the rows written after it)."""
@@ -172,8 +179,27 @@ def read_json(run_dir: str | Path, name: str) -> dict[str, Any]:
 
 
 def read_metrics(run_dir: str | Path) -> pd.DataFrame:
-    """metrics.csv as a DataFrame, one row per step."""
-    return pd.read_csv(Path(run_dir) / METRICS, dtype={"digest": str})
+    """metrics.csv as a DataFrame, one row per step (a script run: and per ``run.log``), with a
+    script run's own metrics spread into columns of their names."""
+    frame = pd.read_csv(Path(run_dir) / METRICS, dtype={"digest": str, "kind": str, "metrics": str})
+    if "metrics" in frame:
+        cells = frame.pop("metrics")
+        extra = pd.DataFrame([json.loads(c) if isinstance(c, str) and c else {} for c in cells],
+                             index=frame.index)
+        frame = frame.join(extra.drop(columns=[c for c in extra if c in frame]))
+    if "kind" in frame and frame["kind"].isna().all():
+        frame = frame.drop(columns="kind")
+    for column in ("val_loss", "val_metric"):
+        if column in frame and frame[column].isna().all() and "kind" in frame:
+            frame = frame.drop(columns=column)  # a script run's: its own metrics have their own names
+    return frame
+
+
+def step_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of optimizer steps only (a script run's metrics.csv also holds log and init rows)."""
+    if "kind" not in frame:
+        return frame
+    return frame[frame["kind"].isna() | (frame["kind"] == "step")].reset_index(drop=True)
 
 
 def read_digests(run_dir: str | Path) -> list[tuple[int, dict[str, str]]]:

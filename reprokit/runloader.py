@@ -22,8 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 import xxhash
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, Sampler
-from torch.utils.data import SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 from reprokit.errors import DataError
 from reprokit.seeding import SEED_MAX, derive_seed

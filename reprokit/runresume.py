@@ -76,7 +76,8 @@ class Resumed:
                      if recorded.get(k) != sources.get(k)]
             if not self.force:
                 raise ResumeRefused(f"resuming {str(run.path)!r}: the data changed ({'; '.join(diffs)}); "
-                                    "restore the data, or pass force=True (REPROKIT_FORCE=1) to resume anyway")
+                                    "restore the data, or pass force=True (REPROKIT_FORCE=1) to resume "
+                                    "anyway")
             append_resume(run.path, {"at": _now(), "forced": True, "differences": diffs})
         saved_names = list(self.state["position"]["tracked"])
         missing = [n for n in saved_names if n not in run._tracked]
@@ -90,7 +91,8 @@ class Resumed:
                 + "; track the same objects under the same names as the run that wrote it")
         have = architecture(run._module_state())
         if have != self.meta.architecture:
-            names = sorted(n for n in {*have, *self.meta.architecture} if have.get(n) != self.meta.architecture.get(n))
+            recorded_arch = self.meta.architecture
+            names = sorted(n for n in {*have, *recorded_arch} if have.get(n) != recorded_arch.get(n))
             shown = ", ".join(f"{n} (checkpoint {self.meta.architecture.get(n)}, model {have.get(n)})"
                               for n in names[:3])
             raise ResumeRefused(f"{self.checkpoint}: the tracked model differs from the one the checkpoint "
@@ -149,7 +151,10 @@ def open_run_dir(path: Path, config: dict[str, Any], seeds: SeedRecord, settings
     return Opened(stored, writer, ledger, resumed, fresh=False)
 
 
-def _newest_valid(path: Path) -> tuple[tuple[CheckpointMeta, dict[str, Any], str] | None, list[tuple[str, str]]]:
+_Chosen = tuple[CheckpointMeta, dict[str, Any], str]  # meta, state, checkpoint name
+
+
+def _newest_valid(path: Path) -> tuple[_Chosen | None, list[tuple[str, str]]]:
     skipped: list[tuple[str, str]] = []
     for ckpt in list_checkpoints(path):
         try:
@@ -188,7 +193,8 @@ def restore_tracked(tracked: dict[str, Any], model_state: dict[str, torch.Tensor
     else:
         for name, module in modules.items():
             prefix = f"{name}."
-            module.load_state_dict({k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)})
+            module.load_state_dict({k.removeprefix(prefix): v for k, v in model_state.items()
+                                    if k.startswith(prefix)})
     for name, obj in tracked.items():
         if not isinstance(obj, nn.Module):
             obj.load_state_dict(others[name])

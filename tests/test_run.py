@@ -60,7 +60,8 @@ def _loop(run_dir: Path, *, epochs: int = 2, stop_after: int | None = None, trac
                 run._close("crashed")  # what a kill leaves: rows and checkpoints on disk, no result
                 return None
         with torch.no_grad():
-            acc = sum(float((model(x).argmax(1) == y).float().mean()) for x, y in evaluation) / len(evaluation)
+            hits = [float((model(x).argmax(1) == y).float().mean()) for x, y in evaluation]
+        acc = sum(hits) / len(hits)
         run.log(val_accuracy=acc)
         scheduler.step()
     return run.finish(val_accuracy=acc)
@@ -136,7 +137,8 @@ def test_metrics_rows_hold_steps_logs_and_the_user_metric(tmp_path: Path) -> Non
     logged = frame[frame["kind"] == "log"]
     assert len(logged) == 2 and logged["val_accuracy"].notna().all()
     result = json.loads((tmp_path / "x/result.json").read_text())
-    assert summary is not None and result["final_metric"] == pytest.approx(float(logged["val_accuracy"].iloc[-1]))
+    assert summary is not None
+    assert result["final_metric"] == pytest.approx(float(logged["val_accuracy"].iloc[-1]))
     manifest = json.loads((tmp_path / "x/manifest.json").read_text())
     assert manifest["kind"] == "script" and manifest["config"] == {"lr": 0.1, "epochs": 2}
     assert manifest["data"]["sources"]["loader0"] and manifest["tracked"]["optimizer"] == "SGD"

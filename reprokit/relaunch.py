@@ -1,0 +1,94 @@
+"""Run a script run's recorded command again: to finish it (``reprokit resume``) or to reproduce it
+into a new directory (``reprokit reproduce``).
+
+The command is the one the manifest recorded (interpreter, script or ``-m`` module, argv, cwd),
+started without a shell, with ``REPROKIT_RUN_DIR`` naming the run directory, so the script's
+``reprokit.Run`` continues it (relaunch = resume) or starts the reproduction there. Resume refuses
+when the script's bytes changed since the run started, unless forced.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from reprokit.entrypoint import EntryPoint, EntryPointError, file_bytes_digest
+from reprokit.rundir import MANIFEST, RESULT, read_json
+
+
+def is_script_run(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a run of a user's script (``reprokit.Run``), not the built-in trainer."""
+    return read_json(run_dir, MANIFEST).get("kind") == "script"
+
+
+def recorded_entry(run_dir: str | Path) -> EntryPoint:
+    """The entry point the run's manifest recorded."""
+    entry = read_json(run_dir, MANIFEST).get("entry")
+    if not isinstance(entry, dict):
+        raise EntryPointError(f"{str(Path(run_dir) / MANIFEST)!r} records no entry point; it was not "
+                              "written by reprokit.Run")
+    try:
+        return EntryPoint(interpreter=str(entry["interpreter"]), argv=[str(a) for a in entry["argv"]],
+                          cwd=str(entry["cwd"]), script=entry.get("script"),
+                          script_digest=entry.get("script_digest"), module=entry.get("module"))
+    except (KeyError, TypeError) as e:
+        raise EntryPointError(f"{str(Path(run_dir) / MANIFEST)!r}: its entry point lacks {e}") from e
+
+
+def script_changes(entry: EntryPoint) -> list[str]:
+    """Why the recorded script would not run the same code now (empty: it would)."""
+    if entry.script is None:
+        return []
+    path = Path(entry.script)
+    if not path.is_file():
+        return [f"the script {entry.script!r} is gone"]
+    now = file_bytes_digest(path)
+    return [] if now == entry.script_digest else [
+        f"entry.script_digest: {entry.script_digest} -> {now} ({entry.script} was edited)"]
+
+
+def run_recorded(run_dir: str | Path, target: str | Path, *, force: bool = False,
+                 env: dict[str, str] | None = None, echo: bool = True) -> int:
+    """Start the command recorded in ``run_dir``'s manifest with ``REPROKIT_RUN_DIR=target``;
+    return its exit status. Refuses (:class:`EntryPointError`) a changed script unless ``force``."""
+    entry = recorded_entry(run_dir)
+    changes = script_changes(entry)
+    if changes and not force:
+        raise EntryPointError(f"{'; '.join(changes)}; running it would not reproduce the run's code: "
+                              "restore the script, or pass --force (recorded in the manifest)")
+    command = entry.command()
+    if not Path(entry.cwd).is_dir():
+        raise EntryPointError(f"the run's working directory {entry.cwd!r} is gone; recreate it or run "
+                              f"the command yourself: {' '.join(command)}")
+    child_env = {**os.environ, **(env or {}), "REPROKIT_RUN_DIR": str(Path(target).resolve())}
+    if force:
+        child_env["REPROKIT_FORCE"] = "1"
+    if echo:
+        print(f"running in {entry.cwd}: {' '.join(command)}", file=sys.stderr, flush=True)
+    return subprocess.run(command, cwd=entry.cwd, env=child_env, check=False).returncode
+
+
+def reproduce_script(run_dir: str | Path, out: str | Path, *, tolerance: float,
+                     env: dict[str, str] | None = None) -> Any:
+    """Re-execute a finished script run into ``out`` and compare: a :class:`Reproduction`."""
+    from reprokit.compare import compare_runs
+    from reprokit.reproduction import ReproduceError, Reproduction
+
+    run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / RESULT).is_file():
+        raise ReproduceError(f"run {str(run_dir)!r} has no {RESULT}: only a finished run can be reproduced; "
+                             f"finish it with `reprokit resume {run_dir}`")
+    if (out / MANIFEST).exists():
+        raise ReproduceError(f"{str(out)!r} already holds a run; pass a new --out directory")
+    status = run_recorded(run_dir, out, env=env)
+    if status != 0:
+        raise ReproduceError(f"the recorded command exited with status {status}; see its output above")
+    comparison = compare_runs(run_dir, out)
+    delta = abs(comparison.final_metric_delta)
+    verdict = "bitwise" if comparison.identical else \
+        "within tolerance" if not math.isnan(delta) and delta <= tolerance else "failed"
+    return Reproduction(run_dir, out, verdict, tolerance, comparison, None)
