@@ -34,7 +34,7 @@ report-smoke:
 test: lint typecheck unit nbval
 
 lint: $(STAMP)
-	$(BIN)/ruff check reprokit tests benchmarks
+	$(BIN)/ruff check reprokit tests benchmarks examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
