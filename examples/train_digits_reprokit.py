@@ -8,6 +8,7 @@ See train_digits_reprokit.py for the same script with reprokit added.
 
 import argparse
 
+import reprokit
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
@@ -15,8 +16,6 @@ from torch import nn
 from torch.optim.lr_scheduler import StepLR
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
-
-import reprokit
 
 
 class Digits(Dataset):

@@ -64,12 +64,31 @@ def run_recorded(run_dir: str | Path, target: str | Path, *, force: bool = False
     if not Path(entry.cwd).is_dir():
         raise EntryPointError(f"the run's working directory {entry.cwd!r} is gone; recreate it or run "
                               f"the command yourself: {' '.join(command)}")
-    child_env = {**os.environ, **(env or {}), "REPROKIT_RUN_DIR": str(Path(target).resolve())}
+    recorded = _recorded_overrides(run_dir)
+    child_env = {**os.environ, **recorded, **(env or {}), "REPROKIT_RUN_DIR": str(Path(target).resolve())}
     if force:
         child_env["REPROKIT_FORCE"] = "1"
     if echo:
         print(f"running in {entry.cwd}: {' '.join(command)}", file=sys.stderr, flush=True)
     return subprocess.run(command, cwd=entry.cwd, env=child_env, check=False).returncode
+
+
+# REPROKIT_* values the first process ran with that a re-execution must have too (not the kill
+# points, which fire in a run's first process only, nor the run directory, progress or force)
+_REAPPLIED = ("seed", "threads", "deterministic", "num_workers", "digest_every", "trace_every",
+              "checkpoint_every")
+
+
+def _recorded_overrides(run_dir: str | Path) -> dict[str, str]:
+    recorded = read_json(run_dir, MANIFEST).get("overrides") or {}
+    env = {}
+    for key in _REAPPLIED:
+        value = recorded.get(key) if isinstance(recorded, dict) else None
+        if isinstance(value, bool):
+            value = int(value)
+        if value is not None:
+            env[f"REPROKIT_{key.upper()}"] = str(value)
+    return env
 
 
 def reproduce_script(run_dir: str | Path, out: str | Path, *, tolerance: float,
