@@ -41,7 +41,7 @@ from reprokit.checkpoint import CALLBACKS_KEY, MODEL_KEY, RNG_KEY, CheckpointMet
 from reprokit.checkpointer import Checkpointer
 from reprokit.datadigest import digest_data
 from reprokit.digests import combine_digests, state_digests
-from reprokit.errors import ConfigError, ReprokitError
+from reprokit.errors import ConfigError, DataError, ReprokitError
 from reprokit.faults import kill_self
 from reprokit.overrides import read_overrides
 from reprokit.runloader import RunLoader, loader_arguments, with_workers
@@ -117,6 +117,11 @@ class Run:
         deterministic = env.deterministic if env.deterministic is not None else deterministic
         self._num_workers = env.num_workers
         self._progress = env.progress if env.progress is not None else progress
+        crash_save = env.crash_during_save
+        if crash_save is not None and (not checkpoint_every or crash_save % checkpoint_every):
+            raise ConfigError(f"REPROKIT_CRASH_DURING_SAVE={crash_save} is not a checkpoint step: "
+                              f"checkpoints are saved every {checkpoint_every or 'no'} steps; pick a "
+                              "multiple of checkpoint_every")
         self.seeds = seed_everything(self.seed, deterministic=deterministic, threads=threads)
         settings = {"digest_every": digest_every, "trace_every": trace_every,
                     "checkpoint_every": checkpoint_every, "checkpoint_seconds": checkpoint_seconds,
@@ -131,15 +136,9 @@ class Run:
         self.global_step = self._resumed.meta.step if self._resumed else 0
         self.epoch = self._resumed.meta.epoch if self._resumed else 0
         self.resumed_from = self.global_step if self._resumed else None
-        if self._fresh:  # kill points fire in a run's first process only, so a relaunch gets past them
-            self._crash_at_step = env.crash_at_step
-            crash_save = env.crash_during_save
-        else:
-            self._crash_at_step, crash_save = None, None
-        if crash_save is not None and (not checkpoint_every or crash_save % checkpoint_every):
-            raise ConfigError(f"REPROKIT_CRASH_DURING_SAVE={crash_save} is not a checkpoint step: "
-                              f"checkpoints are saved every {checkpoint_every or 'no'} steps; pick a "
-                              "multiple of checkpoint_every")
+        # kill points fire in a run's first process only, so a relaunch gets past them
+        self._crash_at_step = env.crash_at_step if self._fresh else None
+        crash_save = crash_save if self._fresh else None
         self._checkpointer = Checkpointer(self.path, every=checkpoint_every, seconds=checkpoint_seconds,
                                           keep=keep_last, background=async_save,
                                           crash_during_save=crash_save)
@@ -176,15 +175,21 @@ class Run:
                 obj.register_step_pre_hook(self._before_update)
                 obj.register_step_post_hook(self._after_update)
 
-    def loader(self, source: Any, **kwargs: Any) -> RunLoader:
+    def loader(self, source: Any, *, digest: bool = True, **kwargs: Any) -> RunLoader:
         """A loader whose order and per-sample randomness are a function of (seed, epoch, index),
-        from a dataset and DataLoader arguments or from an existing DataLoader (taken over)."""
+        from a dataset and DataLoader arguments or from an existing DataLoader (taken over).
+        ``digest=False`` leaves the dataset out of the manifest (digest what it reads with ``data=``)."""
         if self._begun:
             raise ReprokitError("run.loader() after the run began; create loaders before run.epochs()")
         dataset, batch_size, shuffle, drop_last, options = loader_arguments(source, kwargs)
+        try:
+            content = digest_data(dataset) if digest else "not digested"
+        except DataError as e:
+            raise DataError(f"{e}; or pass run.loader(..., digest=False) and Run(data=...) what it "
+                            "reads") from e
         loader = RunLoader(self, len(self._loaders), dataset, batch_size=batch_size, shuffle=shuffle,
                            drop_last=drop_last, options=with_workers(options, self._num_workers),
-                           digest=digest_data(dataset))
+                           digest=content)
         self._loaders.append(loader)
         return loader
 

@@ -46,3 +46,38 @@ def test_python_dash_m_runs_the_same_command(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "nope.yaml' does not exist" in proc.stderr
+
+
+def _train(config: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "reprokit", "train", "--config", str(config), "--run-dir", str(run_dir)]
+    return subprocess.run([*command, *extra], capture_output=True, text=True, check=False, timeout=120,
+                          env={**os.environ, "REPROKIT_PROGRESS": "0"})
+
+
+def test_relaunching_train_resumes_then_says_finished(tmp_path: Path) -> None:
+    """The same `reprokit train` command after a SIGKILL finishes bit-exact; once more, exit 0 'finished'."""
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({**ISSUE_EXAMPLE, "steps": 40, "checkpoint_every": 10}))
+    assert _train(config, tmp_path / "ref").returncode == 0
+    killed = _train(config, tmp_path / "run", "--crash-at-step", "25")
+    assert killed.returncode == -9
+    relaunched = _train(config, tmp_path / "run")
+    assert relaunched.returncode == 0, relaunched.stderr
+    assert "resumed from step-0000020" in relaunched.stdout
+    ref, run = read_json(tmp_path / "ref", "result.json"), read_json(tmp_path / "run", "result.json")
+    assert run["final_digest"] == ref["final_digest"]
+    again = _train(config, tmp_path / "run")
+    assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_relaunching_train_with_another_config_is_refused(tmp_path: Path) -> None:
+    """A relaunch with another lr on a killed run exits 2 naming the field; --force resumes, recorded."""
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({**ISSUE_EXAMPLE, "steps": 30, "checkpoint_every": 10}))
+    assert _train(config, tmp_path / "run", "--crash-at-step", "15").returncode == -9
+    config.write_text(json.dumps({**ISSUE_EXAMPLE, "steps": 30, "checkpoint_every": 10, "lr": 0.01}))
+    refused = _train(config, tmp_path / "run")
+    assert refused.returncode == 2 and "lr" in refused.stderr
+    forced = _train(config, tmp_path / "run", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert read_json(tmp_path / "run", "manifest.json")["resumes"][-1]["forced"]
