@@ -146,7 +146,7 @@ class Run:
         self._loaders: list[RunLoader] = []
         self._tracer: Tracer | None = None
         self._state: Any = None  # the TrainState the tracer sees
-        self._begun = self._pending = False
+        self._begun = self._pending = self._in_epochs = False
         self._done = False
         self._stop: int | None = None
         self._stepped = 0  # optimizer steps since the last run.step()
@@ -201,13 +201,17 @@ class Run:
         self._begin()
         if self._loaders:
             self._total = n * len(self._loaders[0])
-        while self.epoch < n:
-            if self._pending and not self._resumed_mid_epoch():
-                self._restore_now()
-            yield self.epoch + start
-            self.epoch += 1
-            if self._stop is not None and self.epoch < n:
-                self._stop_now()
+        self._in_epochs = True
+        try:
+            while self.epoch < n:
+                if self._pending and not self._resumed_mid_epoch():
+                    self._restore_now()
+                yield self.epoch + start
+                self.epoch += 1
+                if self._stop is not None and self.epoch < n:
+                    self._stop_now()
+        finally:
+            self._in_epochs = False
 
     def step(self, loss: Any = None, **metrics: Any) -> None:
         """After each optimizer step: a metrics row, digests, trace, checkpoint when due, kill points."""
@@ -252,8 +256,8 @@ class Run:
         """Write the final model (model.pt, model.safetensors), result.json and the ledger row."""
         if not self._begun:
             self._begin()
-        if self._pending:
-            self._restore_now()
+        if self._pending:  # resumed where nothing was left to iterate
+            self._restore_now(in_loop=False)
         self._checkpointer.finish()
         final = {k: v.detach().clone() for k, v in self._module_state().items()}
         final_digest = combine_digests(state_digests(final))
@@ -316,12 +320,17 @@ class Run:
         assert self._resumed is not None
         return any(s["active"] for s in self._resumed.state[POSITION_KEY]["loaders"].values())
 
-    def _restore_now(self) -> None:
+    def _restore_now(self, *, in_loop: bool = True) -> None:
         """Put back the tracked objects, every RNG and the tracer: called when the resumed epoch's
         loader iterator exists (or at the epoch's start when no loader was mid-pass)."""
         if not self._pending:
             return
         assert self._resumed is not None
+        if in_loop and not self._in_epochs:
+            raise ReprokitError(
+                f"{str(self.path)!r} resumes at epoch {self.epoch}, but the loop is not run.epochs(): a "
+                "resumed run must start at its saved epoch; write the epoch loop as `for epoch in "
+                "run.epochs(n):`")
         saved = self._resumed.state
         restore_tracked(self._tracked, saved[MODEL_KEY], saved[TRACKED_KEY], saved[POSITION_KEY]["modules"],
                         self._resumed.meta, self.path)

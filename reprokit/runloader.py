@@ -129,6 +129,12 @@ class RunLoader:
     def __len__(self) -> int:
         return self._sampler.batches()
 
+    def __getattr__(self, name: str) -> Any:
+        # anything else a script reads off its DataLoader (num_workers, collate_fn, pin_memory, ...)
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._loader, name)
+
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "passes": self.passes, "batch": self.batch, "active": int(self.active)}
 
@@ -140,6 +146,7 @@ class RunLoader:
             self._resume_at = (self.epoch, self.passes, int(state["batch"]))
 
     def __iter__(self) -> Iterator[Any]:
+        self._owner._begin()  # the run begins at the first of run.epochs(), an iter() or run.step()
         epoch = self._owner.epoch
         if epoch != self.epoch:
             self.epoch, self.passes = epoch, 0

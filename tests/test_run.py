@@ -181,7 +181,9 @@ def test_existing_dataloader_is_taken_over(tmp_path: Path) -> None:
     """run.loader(DataLoader(...)) keeps its dataset, batch size, shuffle and drop_last."""
     run = reprokit.Run(tmp_path / "x")
     data = TensorDataset(torch.arange(10.0))
-    loader = run.loader(DataLoader(data, batch_size=3, shuffle=True, drop_last=True))
+    loader = run.loader(DataLoader(data, batch_size=3, shuffle=True, drop_last=True, pin_memory=False))
+    run.track(model=nn.Linear(1, 1))
+    assert loader.pin_memory is False  # other DataLoader attributes read through
     assert loader.dataset is data and loader.batch_size == 3 and loader.shuffle and len(loader) == 3
     batches = [b[0].tolist() for b in loader]
     assert [len(b) for b in batches] == [3, 3, 3]
@@ -194,3 +196,47 @@ def test_bad_environment_value_is_an_error(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv("REPROKIT_THREADS", "two")
     with pytest.raises(ConfigError, match=r"REPROKIT_THREADS='two' is not an integer"):
         reprokit.Run(tmp_path / "x")
+
+
+def test_async_save_and_two_modules_resume_bit_exact(tmp_path: Path) -> None:
+    """Checkpoints written in the background, of a run tracking two modules, resume as exactly."""
+
+    def loop(run_dir: Path, stop_after: int | None = None) -> reprokit.RunSummary | None:
+        run = reprokit.Run(run_dir, seed=5, checkpoint_every=2, async_save=True)
+        encoder, head = nn.Linear(6, 8), nn.Linear(8, 2)
+        optimizer = torch.optim.Adam([*encoder.parameters(), *head.parameters()], lr=0.01)
+        run.track(encoder=encoder, head=head, optimizer=optimizer)
+        train = run.loader(_Noisy(64), batch_size=16, shuffle=True)
+        for _ in run.epochs(2):
+            for x, y in train:
+                optimizer.zero_grad()
+                F.cross_entropy(head(torch.relu(encoder(x))), y).backward()
+                optimizer.step()
+                run.step()
+                if run.global_step == stop_after:
+                    run._checkpointer.wait()
+                    run._close("crashed")
+                    return None
+        return run.finish()
+
+    ref = loop(tmp_path / "ref")
+    assert loop(tmp_path / "x", stop_after=5) is None
+    resumed = loop(tmp_path / "x")
+    assert ref is not None and resumed is not None
+    assert resumed.resumed_from_step == 4 and resumed.final_digest == ref.final_digest
+
+
+def test_a_resumed_loop_outside_run_epochs_is_an_error(tmp_path: Path) -> None:
+    """Resuming a loop written with range() instead of run.epochs() is refused, not silently replayed."""
+    _loop(tmp_path / "x", checkpoint_every=3, stop_after=4)
+    run = reprokit.Run(tmp_path / "x", seed=3, config={"lr": 0.1, "epochs": 2}, checkpoint_every=3)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    run.track(model=model, optimizer=optimizer,
+              scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5))
+    train = run.loader(_Noisy(), batch_size=16, shuffle=True)
+    with pytest.raises(ReprokitError, match=r"the loop is not run\.epochs"):
+        for _ in range(2):
+            for _batch in train:
+                pass
+    run._close("crashed")
