@@ -60,9 +60,9 @@ _EXPORTS: dict[str, str] = {
     "ResumeError": "resumer",
     "resume": "resumer",
     "LineageError": "finetuning",
-    "finetune": "finetuning",
+    "finetune": "trainer",
     "lineage": "finetuning",
-    "pretrain": "finetuning",
+    "pretrain": "trainer",
     "Comparison": "compare",
     "compare_runs": "compare",
     "Reproduction": "reproduction",
@@ -110,9 +110,7 @@ if TYPE_CHECKING:
     from reprokit.errors import ReprokitError as ReprokitError
     from reprokit.errors import SeedError as SeedError
     from reprokit.finetuning import LineageError as LineageError
-    from reprokit.finetuning import finetune as finetune
     from reprokit.finetuning import lineage as lineage
-    from reprokit.finetuning import pretrain as pretrain
     from reprokit.ledger import Ledger as Ledger
     from reprokit.ledger import runs as runs
     from reprokit.models import build_model as build_model
@@ -146,6 +144,8 @@ if TYPE_CHECKING:
     from reprokit.trace import read_trace as read_trace
     from reprokit.trace import traceability_score as traceability_score
     from reprokit.trainer import RunResult as RunResult
+    from reprokit.trainer import finetune as finetune
+    from reprokit.trainer import pretrain as pretrain
     from reprokit.trainer import train as train
 
 

@@ -8,13 +8,10 @@ Name), so callbacks of other classes may come or go between the run and its resu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-
-from reprokit.config import TrainConfig
 
 
 @dataclass
@@ -64,13 +61,3 @@ def callback_keys(callbacks: tuple[Callback, ...]) -> list[str]:
         seen[name] = seen.get(name, -1) + 1
         keys.append(f"{name}:{seen[name]}")
     return keys
-
-
-def config_callbacks(config: TrainConfig, run_dir: str | Path | None) -> tuple[Callback, ...]:
-    """The callbacks the config asks for (``trace_every``: a Tracer writing into the run dir; a
-    fine-tune's Freezer); appended after the caller's, so a resume rebuilds them at the same place."""
-    from reprokit.finetuning import finetune_callbacks  # both build on this module
-    from reprokit.trace import Tracer
-
-    tracer = (Tracer(run_dir, every=config.trace_every),) if config.trace_every else ()
-    return (*tracer, *finetune_callbacks(config))

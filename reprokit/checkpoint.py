@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from reprokit import tensorfile
-from reprokit.config import config_differences
+from reprokit.differences import config_differences
 from reprokit.digests import model_digest
 from reprokit.directio import ReadBackError
 from reprokit.errors import ReprokitError
@@ -288,13 +288,14 @@ def _verified_files(path: Path, *, read_back: set[str] | None = None) -> dict[st
 
 
 def check_compatible(
-    meta: CheckpointMeta, path: Path, *, config: Mapping[str, Any], model_state: Mapping[str, torch.Tensor]
+    meta: CheckpointMeta, path: Path, *, config: Mapping[str, Any], model_state: Mapping[str, torch.Tensor],
+    ignore: frozenset[str] = frozenset(),
 ) -> None:
     """Refuse a checkpoint written for another config or another model architecture.
 
-    Fields that only say how the run is recorded (``RECORDING_FIELDS``) may differ.
+    The config fields in ``ignore`` (how the run is recorded: checkpoint cadence, workers) may differ.
     """
-    diffs = config_differences(meta.config, dict(config))
+    diffs = config_differences(meta.config, dict(config), ignore=ignore)
     if diffs:
         raise CheckpointError(f"{path}: written for a different config ({'; '.join(diffs)})")
     have = architecture(model_state)
@@ -331,6 +332,8 @@ def verify_run(run_dir: str | Path, *, config: Mapping[str, Any] | None = None) 
     With ``config`` (the run's), a checkpoint written for another config or another model
     architecture than that config builds counts as bad too.
     """
+    from reprokit.config import TrainConfig  # to move out with _reference_state (tests/test_layers.py)
+
     reference = _reference_state(config) if config is not None else None
     rows = []
     pointer = latest_pointer(run_dir)
@@ -341,7 +344,8 @@ def verify_run(run_dir: str | Path, *, config: Mapping[str, Any] | None = None) 
         try:
             meta, _ = read_checkpoint(path)
             if config is not None and reference is not None:
-                check_compatible(meta, path, config=config, model_state=reference)
+                check_compatible(meta, path, config=config, model_state=reference,
+                                 ignore=TrainConfig.recording_fields())
             row.update(status="ok", problem="")
         except CheckpointError as e:
             row.update(status="bad", problem=str(e))

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from reprokit import differences
 from reprokit.data import DATASETS
 from reprokit.errors import ConfigError
 from reprokit.models import LR_SCHEDULES, MODELS, OPTIMIZERS, STRATEGIES
@@ -147,6 +148,11 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @staticmethod
+    def recording_fields() -> frozenset[str]:
+        """The fields that only say how a run is recorded (:data:`RECORDING_FIELDS`)."""
+        return RECORDING_FIELDS
+
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (and validated)."""
         return self.from_dict({**self.to_dict(), **changes})
@@ -161,9 +167,8 @@ RECORDING_FIELDS = frozenset(
 def config_differences(
     a: dict[str, Any], b: dict[str, Any], *, ignore: frozenset[str] = RECORDING_FIELDS
 ) -> list[str]:
-    """``"field: a -> b"`` for every field two config dicts disagree on, ``ignore`` left out."""
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k not in ignore and a.get(k) != b.get(k)]
+    """``"field: a -> b"`` for every field two TrainConfig dicts disagree on, recording fields left out."""
+    return differences.config_differences(a, b, ignore=ignore)
 
 
 class _Loader(yaml.SafeLoader):

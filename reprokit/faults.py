@@ -10,7 +10,6 @@ import os
 import signal
 from dataclasses import dataclass
 
-from reprokit.config import TrainConfig
 from reprokit.errors import ConfigError
 
 
@@ -27,7 +26,7 @@ class Faults:
     crash_at_step: int | None = None
     crash_during_save: int | None = None
 
-    def check(self, config: TrainConfig, total_steps: int) -> None:
+    def check(self, checkpoint_every: int, total_steps: int) -> None:
         """Raise :class:`ConfigError` if a kill point can never be reached in this run."""
         k = self.crash_at_step
         if k is not None and not 1 <= k <= total_steps:
@@ -35,7 +34,7 @@ class Faults:
         k = self.crash_during_save
         if k is None:
             return
-        every = config.checkpoint_every
+        every = checkpoint_every
         if not every:
             raise ConfigError(
                 f"--crash-during-save {k} needs checkpoints by step; set checkpoint_every in the config"

@@ -45,7 +45,6 @@ from reprokit.digests import model_digest
 from reprokit.errors import ConfigError, ReprokitError
 from reprokit.models import ParamGroups, head_name
 from reprokit.rundir import MANIFEST, MODEL, RESULT, WEIGHTS, WEIGHTS_ORDER, read_json
-from reprokit.trainer import RunResult, Session, train
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 _SHOWN = 4  # mismatching tensor names listed in an error
@@ -251,37 +250,16 @@ def finetune_callbacks(config: TrainConfig) -> tuple[Callback, ...]:
     return (Freezer(),) if config.init_from is not None and config.finetune != "full" else ()
 
 
-def verify_parent(manifest: Mapping[str, Any], session: Session) -> None:
-    """On resume: the parent must still be the model the run started from."""
-    recorded, now = (manifest.get("lineage") or {}).get("parent"), session.parent
+def verify_parent(manifest: Mapping[str, Any], now: Mapping[str, Any] | None, init_from: str | None) -> None:
+    """On resume: the parent (``now``, the lineage entry of the rebuilt run) must still be the model
+    the run started from."""
+    recorded = (manifest.get("lineage") or {}).get("parent")
     if (recorded or {}).get("digest") != (now or {}).get("digest"):
-        where = now["path"] if now else session.config.init_from
+        where = now["path"] if now else init_from
         raise LineageError(
             f"parent {where!r} hashes to {(now or {}).get('digest')} but the run started from "
             f"{(recorded or {}).get('digest')}; restore the parent the run was started from"
         )
-
-
-def pretrain(config: TrainConfig, run_dir: str | Path, **kwargs: Any) -> RunResult:
-    """Train the upstream model into ``run_dir``: its ``model.safetensors`` and manifest are the
-    pretrained artifact :func:`finetune` starts from. ``kwargs`` go to ``train``."""
-    return train(config, run_dir, **kwargs)
-
-
-def finetune(
-    config: TrainConfig, parent: str | Path, strategy: str = "two_stage",
-    run_dir: str | Path | None = None, **kwargs: Any,
-) -> RunResult:
-    """Train ``config`` (the downstream task) starting from ``parent`` with ``strategy``.
-
-    Args:
-        config: the downstream run; its ``init_from`` and ``finetune`` are set from the next two.
-        parent: a finished run directory or a weights file (see :func:`load_parent`).
-        strategy: ``"full"``, ``"feature_extraction"`` or ``"two_stage"``.
-        run_dir, kwargs: as for ``train``.
-    """
-    changes = {"init_from": str(Path(parent).resolve()), "finetune": strategy}
-    return train(config.replace(**changes), run_dir, **kwargs)
 
 
 LINEAGE_COLUMNS = ("generation", "run_id", "path", "dataset", "model", "finetune", "final_metric",

@@ -30,8 +30,6 @@ import torch
 import xxhash
 
 from reprokit import __version__
-from reprokit.config import RECORDING_FIELDS, TrainConfig
-from reprokit.data import DatasetBundle
 from reprokit.digests import source_digest, tensor_digest
 from reprokit.errors import ReprokitError
 from reprokit.rundir import atomic_write_bytes
@@ -198,9 +196,9 @@ def environment() -> dict[str, Any]:
 
 
 def build_manifest(
-    config: TrainConfig,
+    config: Any,
     seeds: SeedRecord,
-    data: DatasetBundle,
+    data: Any,
     *,
     parent: Mapping[str, Any] | None = None,
     repo_dir: Path | None = None,
@@ -209,7 +207,11 @@ def build_manifest(
     """The manifest of a run about to start; call it right before the first step.
 
     Args:
-        config, seeds, data: the run's config, what seeding set, and its data.
+        config: the run's config: a mapping, or an object with ``to_dict()`` (a TrainConfig, whose
+            ``recording_fields()`` — fields that change no bit — the fingerprint leaves out).
+        seeds: what seeding set.
+        data: the manifest's data entry (a mapping with a ``digest``), or a dataset bundle with
+            ``name``, ``task``, ``x_train``, ``x_val`` and ``digest`` (the built-in data).
         parent: the model this run starts from, ``{"digest": ..., "run_id": ...}`` (run_id and
             further keys optional); ``None`` when training from scratch.
         repo_dir: where to look for the git checkout (see :func:`code_state`).
@@ -222,28 +224,37 @@ def build_manifest(
             "already names its checkout"
         )
     code = code if code is not None else code_state(repo_dir)
+    config_dict = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+    recording = config.recording_fields() if hasattr(config, "recording_fields") else frozenset()
     manifest: dict[str, Any] = {
         "manifest_version": MANIFEST_VERSION,
         "run_id": uuid.uuid4().hex,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "config": config.to_dict(),
+        "config": config_dict,
+        "recording_fields": sorted(recording),
         "seeding": seeds.to_dict(),
         # the global RNGs as the run starts (in train: after seeding and model initialisation)
         "rng_state_digest": _rng_state_digest(),
-        "data": {
-            "name": data.name,
-            "task": data.task,
-            "split": {"split_seed": config.split_seed, "val_fraction": config.val_fraction},
-            "train_size": len(data.x_train),
-            "val_size": len(data.x_val),
-            "digest": data.digest,
-        },
+        "data": _data_entry(data, config_dict),
         "environment": environment(),
         "code": {**code.to_dict(), "reprokit_source": source_digest()},
         "lineage": {"parent": _check_parent(parent)},
     }
     manifest["fingerprint"] = fingerprint(manifest)
     return manifest
+
+
+def _data_entry(data: Any, config: Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(data, Mapping):
+        return dict(data)
+    return {
+        "name": data.name,
+        "task": data.task,
+        "split": {"split_seed": config.get("split_seed"), "val_fraction": config.get("val_fraction")},
+        "train_size": len(data.x_train),
+        "val_size": len(data.x_val),
+        "digest": data.digest,
+    }
 
 
 def _check_parent(parent: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -294,7 +305,8 @@ def fingerprint(manifest: Mapping[str, Any]) -> str:
         env, code = manifest["environment"], manifest["code"]
         parent = manifest["lineage"]["parent"]
         recipe = {
-            "config": {k: v for k, v in manifest["config"].items() if k not in RECORDING_FIELDS},
+            "config": {k: v for k, v in manifest["config"].items()
+                       if k not in manifest.get("recording_fields", ())},
             "seeding": manifest["seeding"],
             "code": {k: code.get(k) for k in ("commit", "diff_digest", "reprokit_source")},
             "data": manifest["data"]["digest"],

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from reprokit.callbacks import Callback, TrainState, callback_keys, config_callbacks
+from reprokit.callbacks import Callback, TrainState, callback_keys
 from reprokit.checkpoint import (
     CALLBACKS_KEY,
     MODEL_KEY,
@@ -27,7 +27,7 @@ from reprokit.checkpoint import (
     list_checkpoints,
     read_checkpoint,
 )
-from reprokit.config import TrainConfig, config_differences
+from reprokit.config import RECORDING_FIELDS, TrainConfig, config_differences
 from reprokit.data import batches_per_epoch
 from reprokit.digests import model_digest, source_digest
 from reprokit.errors import ReprokitError
@@ -44,7 +44,7 @@ from reprokit.rundir import (
     read_metrics,
 )
 from reprokit.seeding import RngState, restore_rng_state
-from reprokit.trainer import ResumeInfo, RunResult, Session, build_session, run_loop
+from reprokit.trainer import ResumeInfo, RunResult, Session, build_session, config_callbacks, run_loop
 
 
 class ResumeError(ReprokitError):
@@ -82,8 +82,8 @@ def resume(
     config = original.replace(**changes) if changes else original
     differences = config_differences(original.to_dict(), config.to_dict())
     session = build_session(config)  # a fine-tune's parent is loaded and verified here ...
-    verify_parent(manifest, session)  # ... and must still be the one the run started from
-    faults.check(config, session.total_steps)
+    verify_parent(manifest, session.parent, config.init_from)  # ... still the one the run started from
+    faults.check(config.checkpoint_every, session.total_steps)
     callbacks = (*callbacks, *config_callbacks(config, run_dir))
     clean_temporaries(run_dir)
     chosen, skipped = _newest_valid(run_dir, original, session)
@@ -142,7 +142,8 @@ def _newest_valid(
     for path in list_checkpoints(run_dir):
         try:
             meta, saved = read_checkpoint(path)
-            check_compatible(meta, path, config=config.to_dict(), model_state=model_state)
+            check_compatible(meta, path, config=config.to_dict(), model_state=model_state,
+                             ignore=RECORDING_FIELDS)
             return (meta, saved, path.name), skipped
         except CheckpointError as e:
             skipped.append((path.name, str(e)))

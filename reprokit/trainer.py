@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from reprokit.callbacks import Callback, TrainState, callback_keys, config_callbacks
+from reprokit.callbacks import Callback, TrainState, callback_keys
 from reprokit.checkpoint import (
     CALLBACKS_KEY,
     MODEL_KEY,
@@ -37,11 +37,13 @@ from reprokit.data import DatasetBundle, EpochBatchSampler, batches_per_epoch, l
 from reprokit.digests import combine_digests, source_digest, state_digests
 from reprokit.errors import ConfigError
 from reprokit.faults import NO_FAULTS, Faults, kill_self
+from reprokit.finetuning import finetune_callbacks, prepare
 from reprokit.ledger import LedgerEntry
 from reprokit.models import build_model, build_optimizer, build_scheduler
 from reprokit.provenance import build_manifest, code_state, save_code_diff
 from reprokit.rundir import RunWriter
 from reprokit.seeding import SeedRecord, capture_rng_state, seed_everything
+from reprokit.trace import Tracer
 
 EVAL_BATCH = 512  # validation batch size: evaluation has no gradient, so a large batch is cheap
 
@@ -127,8 +129,6 @@ def build_session(config: TrainConfig) -> Session:
     """Seed, load the data and build model, optimizer, scheduler and loader, in a fixed order
     (the model's initial weights come from the global RNG right after seeding; a fine-tune then
     loads its parent over all but the head)."""
-    from reprokit.finetuning import prepare  # finetune builds on this module
-
     seeds = seed_everything(config.seed, deterministic=config.deterministic, threads=config.threads)
     data = load_dataset(config.dataset, split_seed=config.split_seed, val_fraction=config.val_fraction,
                         train_limit=config.train_limit)
@@ -167,7 +167,7 @@ def train(
     """
     started = time.perf_counter()
     session = build_session(config)
-    faults.check(config, session.total_steps)
+    faults.check(config.checkpoint_every, session.total_steps)
     callbacks = (*callbacks, *config_callbacks(config, run_dir))
     writer, entry = None, None
     if run_dir is not None:
@@ -313,6 +313,35 @@ def run_loop(
     if ledger is not None:
         ledger.ledger.finish(ledger.run_id, result.final_digest, result.final_metric)
     return result
+
+
+def config_callbacks(config: TrainConfig, run_dir: str | Path | None) -> tuple[Callback, ...]:
+    """The callbacks the config asks for (``trace_every``: a Tracer writing into the run dir; a
+    fine-tune's Freezer); appended after the caller's, so a resume rebuilds them at the same place."""
+    tracer = (Tracer(run_dir, every=config.trace_every),) if config.trace_every else ()
+    return (*tracer, *finetune_callbacks(config))
+
+
+def pretrain(config: TrainConfig, run_dir: str | Path, **kwargs: Any) -> RunResult:
+    """Train the upstream model into ``run_dir``: its ``model.safetensors`` and manifest are the
+    pretrained artifact :func:`finetune` starts from. ``kwargs`` go to ``train``."""
+    return train(config, run_dir, **kwargs)
+
+
+def finetune(
+    config: TrainConfig, parent: str | Path, strategy: str = "two_stage",
+    run_dir: str | Path | None = None, **kwargs: Any,
+) -> RunResult:
+    """Train ``config`` (the downstream task) starting from ``parent`` with ``strategy``.
+
+    Args:
+        config: the downstream run; its ``init_from`` and ``finetune`` are set from the next two.
+        parent: a finished run directory or a weights file (see :func:`load_parent`).
+        strategy: ``"full"``, ``"feature_extraction"`` or ``"two_stage"``.
+        run_dir, kwargs: as for ``train``.
+    """
+    changes = {"init_from": str(Path(parent).resolve()), "finetune": strategy}
+    return train(config.replace(**changes), run_dir, **kwargs)
 
 
 def _checkpointer(config: TrainConfig, writer: RunWriter | None, faults: Faults) -> Checkpointer | None:

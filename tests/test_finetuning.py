@@ -15,12 +15,12 @@ from reprokit.callbacks import Callback, TrainState
 from reprokit.checkpoint import list_checkpoints
 from reprokit.cli import main
 from reprokit.errors import ConfigError, DataError
-from reprokit.finetuning import LineageError, finetune, lineage, load_parent, pretrain
+from reprokit.finetuning import LineageError, lineage, load_parent
 from reprokit.ledger import runs
 from reprokit.models import build_model, count_parameters
 from reprokit.resumer import resume
 from reprokit.rundir import read_json
-from reprokit.trainer import RunResult, build_session
+from reprokit.trainer import RunResult, build_session, finetune, pretrain
 
 UPSTREAM = TrainConfig(dataset="digits_0_4", model="cnn", steps=150, batch_size=32, threads=1)
 # low-data downstream: 100 training images of digits 5-9, 30 steps (measured: scratch 0.53-0.67,
