@@ -1,17 +1,22 @@
-"""Determinism audit: rerun a config over seeds, repeats and factors; say what changes the bits.
+"""Determinism audit: rerun a config or a user's command over seeds, repeats and factors; say what
+changes the bits.
 
-The reference run of a seed is the config as given (every factor at its base value), repeat 0.
-Every other run of that seed is compared with it by final digest, largest parameter difference
-and the first step and tensors at which their per-step digests part.
+The reference run of a seed has every factor at its base value (a config's own; for a command,
+the first value listed for each factor), repeat 0. Every other run of that seed is compared with
+it by final digest, largest parameter difference and the first step and tensors at which their
+per-step digests part. A command runs as a subprocess per run (:mod:`reprokit.scriptruns`).
 """
 
 from __future__ import annotations
 
 import itertools
 import multiprocessing
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -22,6 +27,14 @@ from tqdm.auto import tqdm
 from reprokit.config import TrainConfig
 from reprokit.digests import first_divergence, max_abs_diff
 from reprokit.errors import ConfigError
+from reprokit.scriptruns import (
+    DEFAULT_TIMEOUT,
+    ScriptRun,
+    check_command,
+    command_env,
+    factor_variable,
+    run_command,
+)
 from reprokit.trainer import RunResult, show_progress, train
 
 FACTORS = ("threads", "deterministic", "num_workers")  # the factors the issue asks for, at least
@@ -35,12 +48,21 @@ class _Job:
     seed: int
     repeat: int
     factors: tuple[tuple[str, Any], ...]
-    config: TrainConfig
     reference: bool  # repeat 0 with every factor at its base value
+
+    @property
+    def threads(self) -> int:
+        return int(dict(self.factors).get("threads") or 1)
+
+    @property
+    def name(self) -> str:
+        """A run directory name: seed, factors, repeat."""
+        factors = "".join(f"-{n}{v}" for n, v in self.factors)
+        return f"seed{self.seed}{factors}-r{self.repeat}"
 
 
 def audit_determinism(
-    config: TrainConfig,
+    target: TrainConfig | Sequence[str],
     seeds: Sequence[int],
     repeats: int = 2,
     vary: Mapping[str, Sequence[Any]] | None = None,
@@ -48,18 +70,27 @@ def audit_determinism(
     vary_seeds: Sequence[int] | None = None,
     jobs: int = 1,
     progress: bool | None = None,
+    work_dir: str | Path | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> pd.DataFrame:
     """Run every seed ``repeats`` times for each combination of the ``vary`` factors.
 
     Args:
-        config: the base run; each factor's base value is the config's own.
+        target: the base run: a :class:`TrainConfig` (each factor's base value is the config's own),
+            or a command such as ``[sys.executable, "train.py", "--epochs", "1"]`` whose script
+            uses :class:`reprokit.Run` (each factor's base value is the first one listed).
         seeds: training seeds to study.
         repeats: runs per (seed, factor combination), at least 1 (2 to test repeatability).
-        vary: config field -> values to try, e.g. ``{"threads": [1, 2]}``; all combinations run.
+        vary: factor -> values to try, e.g. ``{"threads": [1, 2]}``; all combinations run. A config
+            varies any field but the seed; a command ``threads``, ``deterministic`` and
+            ``num_workers``, passed as ``REPROKIT_THREADS`` etc.
         vary_seeds: the seeds on which the ``vary`` combinations run (default: all); the other
             seeds run the base settings only, which keeps a many-seed variance study affordable.
-        jobs: worker processes; results do not depend on it (each run pins its own threads).
+        jobs: runs at once; results do not depend on it (each run pins its own threads).
         progress: one bar over runs; ``None`` follows ``REPROKIT_PROGRESS``.
+        work_dir: a command's runs go to a new directory in it (default: a temporary directory,
+            deleted afterwards).
+        timeout: seconds a command's run may take before the audit stops it with an error.
 
     Returns:
         One row per run: seed, repeat, the factors, ``changed`` (factors off their base value),
@@ -67,8 +98,24 @@ def audit_determinism(
         ``diverged_step`` and ``diverged_tensors`` (where the per-step digests first part),
         ``seconds`` and ``losses`` (the per-step loss curve).
     """
+    config = target if isinstance(target, TrainConfig) else None
+    command = check_command(target) if config is None else None
     jobs_list = _plan(config, seeds, repeats, vary or {}, vary_seeds)
-    results = _run_all([j.config for j in jobs_list], jobs=jobs, progress=progress)
+    threads = [j.threads for j in jobs_list]
+    if config is not None:
+        calls = [partial(_run_one, config.replace(seed=j.seed, **dict(j.factors))) for j in jobs_list]
+        return _table(jobs_list, _run_all(calls, threads, jobs, progress, _spawn_pool))
+    assert command is not None
+    with tempfile.TemporaryDirectory(prefix="reprokit-audit-") as scratch:
+        root = Path(work_dir if work_dir is not None else scratch)
+        root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="audit-", dir=root))  # always fresh: a used run dir resumes
+        envs = [command_env(work / j.name, seed=j.seed, factors=dict(j.factors)) for j in jobs_list]
+        runs = [partial(run_command, command, env, timeout=timeout) for env in envs]
+        return _table(jobs_list, _run_all(runs, threads, jobs, progress, ThreadPoolExecutor))
+
+
+def _table(jobs_list: list[_Job], results: Sequence[RunResult | ScriptRun]) -> pd.DataFrame:
     references = {j.seed: (j, r) for j, r in zip(jobs_list, results, strict=True) if j.reference}
     rows = []
     for job, result in zip(jobs_list, results, strict=True):
@@ -96,18 +143,21 @@ def audit_determinism(
 
 
 def _plan(
-    config: TrainConfig, seeds: Sequence[int], repeats: int, vary: Mapping[str, Sequence[Any]],
+    config: TrainConfig | None, seeds: Sequence[int], repeats: int, vary: Mapping[str, Sequence[Any]],
     vary_seeds: Sequence[int] | None = None,
 ) -> list[_Job]:
+    """The runs, each seed's reference first; ``config`` None plans a command's runs."""
     if not seeds:
         raise ConfigError("seeds is empty; pass at least one seed, e.g. seeds=[0, 1, 2]")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds {list(seeds)} has duplicates; pass each seed once")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ConfigError(f"repeats {repeats!r} must be an int >= 1; pass e.g. repeats=2")
-    fields = set(config.to_dict())
+    fields = set(config.to_dict()) if config is not None else set()
     for name, values in vary.items():
-        if name not in fields or name == "seed":
+        if config is None:
+            factor_variable(name)  # refuses a factor a command cannot vary, naming those it can
+        elif name not in fields or name == "seed":
             raise ConfigError(
                 f"cannot vary {name!r}; vary config fields other than seed, e.g. {list(FACTORS)}"
             )
@@ -118,55 +168,66 @@ def _plan(
             f"vary_seeds {sorted(set(vary_seeds) - set(seeds))} are not among seeds {list(seeds)}; "
             "pass a subset of seeds"
         )
-    if config.threads is None:
-        # pin what this process uses, so runs in fresh worker processes use the same count
-        config = config.replace(threads=torch.get_num_threads())
     names = list(vary)
+    if config is None:
+        base = tuple(next(iter(vary[n])) for n in names)
+    else:
+        if config.threads is None:
+            # pin what this process uses, so runs in fresh worker processes use the same count
+            config = config.replace(threads=torch.get_num_threads())
+        base = tuple(getattr(config, n) for n in names)
     # the base combination first, so each seed's reference run is planned before the others
-    base = tuple(getattr(config, n) for n in names)
     combos = [base] + [c for c in itertools.product(*(list(vary[n]) for n in names)) if c != base]
-    return [
-        _Job(seed, repeat, tuple(zip(names, combo, strict=True)),
-             config.replace(seed=seed, **dict(zip(names, combo, strict=True))),
-             reference=repeat == 0 and i == 0)
+    jobs = [
+        _Job(seed, repeat, tuple(zip(names, combo, strict=True)), reference=repeat == 0 and i == 0)
         for seed in seeds
         for i, combo in enumerate(combos if vary_seeds is None or seed in vary_seeds else combos[:1])
         for repeat in range(repeats)
     ]
+    if config is not None:
+        for job in jobs:  # a bad value is refused now, not in the middle of the audit
+            config.replace(seed=job.seed, **dict(job.factors))
+    return jobs
 
 
-def _run_all(configs: list[TrainConfig], *, jobs: int, progress: bool | None) -> list[RunResult]:
-    """Run every config, ``jobs`` processes at a time, results in the order of ``configs``.
+def _spawn_pool(workers: int) -> Executor:
+    # spawn, not fork: forking a process whose OpenMP pool is running can hang the child
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _run_all(
+    calls: Sequence[Callable[[], Any]], threads: Sequence[int], jobs: int, progress: bool | None,
+    pool: Callable[[int], Executor],
+) -> list[Any]:
+    """Run every call, ``jobs`` at a time, results in the order of ``calls``.
 
     A run pinned to t threads takes t of the ``jobs`` slots: two 2-thread runs on 2 cores spin
     OpenMP threads against each other and run ~10x slower (measured here). So runs are grouped by
-    thread count and each group gets ``jobs // threads`` processes.
+    thread count and each group gets ``jobs // threads`` workers.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs {jobs!r} must be an int >= 1; pass e.g. jobs=2")
-    results: list[RunResult | None] = [None] * len(configs)
+    results: list[Any] = [None] * len(calls)
     groups: dict[int, list[int]] = {}
-    for i, c in enumerate(configs):
-        groups.setdefault(c.threads or 1, []).append(i)
-    bar = tqdm(total=len(configs), desc="audit runs", disable=not show_progress(progress))
+    for i, t in enumerate(threads):
+        groups.setdefault(t, []).append(i)
+    bar = tqdm(total=len(calls), desc="audit runs", disable=not show_progress(progress))
     try:
-        for threads, indices in sorted(groups.items()):
-            workers = max(1, jobs // threads)
+        for t, indices in sorted(groups.items()):
+            workers = max(1, jobs // t)
             if workers == 1 or len(indices) == 1:
                 for i in indices:
-                    results[i] = _run_one(configs[i])
+                    results[i] = calls[i]()
                     bar.update()
                 continue
-            # spawn, not fork: forking a process whose OpenMP pool is running can hang the child
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                futures = {i: pool.submit(_run_one, configs[i]) for i in indices}
+            with pool(workers) as executor:
+                futures = {i: executor.submit(calls[i]) for i in indices}
                 for i, future in futures.items():
                     results[i] = future.result()
                     bar.update()
     finally:
         bar.close()
-    return [r for r in results if r is not None]
+    return results
 
 
 def _run_one(config: TrainConfig) -> RunResult:

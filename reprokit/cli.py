@@ -175,6 +175,43 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0 if rep.verdict != "failed" else 1
 
 
+def _audit(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from reprokit.audit import audit_determinism, determinism_verdict
+    from reprokit.config import TrainConfig
+
+    command = list(args.train_command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if bool(command) == bool(args.config):
+        raise ConfigError("pass either --config CFG or a command after --, e.g. "
+                          "`reprokit audit --vary threads=1,2 -- python train.py`")
+    target: TrainConfig | list[str] = TrainConfig.from_file(args.config) if args.config else command
+    vary = dict(_factor(text) for text in args.vary)
+    audit = audit_determinism(target, args.seeds, args.repeats, vary, jobs=args.jobs, work_dir=args.work_dir,
+                              timeout=args.timeout)
+    verdict = determinism_verdict(audit)
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 40):
+        print(audit.drop(columns=["losses"]).to_string(index=False))
+        print()
+        print(verdict.to_string(index=False))
+    repeats_identical = verdict["bitwise_identical"].iloc[0] == "yes"
+    print("repeats: " + ("every repeat is bitwise identical" if repeats_identical else
+                         "repeats with the same settings differ: the run is not deterministic"))
+    return 0 if repeats_identical else 1
+
+
+def _factor(text: str) -> tuple[str, list[Any]]:
+    """``name=v1,v2`` with each value read as YAML (so 2 is an int, true a bool)."""
+    import yaml
+
+    name, sep, values = text.partition("=")
+    if not sep or not name.strip() or not values.strip():
+        raise ConfigError(f"--vary {text!r} is not name=value,value; pass e.g. --vary threads=1,2")
+    return name.strip(), [yaml.safe_load(v) for v in values.split(",")]
+
+
 def _print_result(result: RunResult) -> None:
     print(f"run dir      {result.run_dir}")
     print(f"steps        {result.steps}")
@@ -262,6 +299,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gap", action="store_true", help="also print the gap table, one row per step")
     p.add_argument("--plot", metavar="FILE.png", help="save the divergence plot")
     p.set_defaults(func=_compare)
+    p = sub.add_parser("audit", help="rerun a config or a command over seeds, repeats and factors; which "
+                       "change the bits? (exit 0 if every repeat is bitwise identical, 1 if not)")
+    p.add_argument("--config", help="a .yaml or .json TrainConfig (or give a command after --)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S", help="seeds (default: 0)")
+    p.add_argument("--repeats", type=int, default=2, metavar="N", help="runs per setting (default 2)")
+    p.add_argument("--vary", action="append", default=[], metavar="NAME=V1,V2",
+                   help="a factor and its values, the first a command's base (repeatable), e.g. threads=1,2")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="runs at once (default 1)")
+    p.add_argument("--work-dir", help="where a command's run directories go (default: a temporary "
+                   "directory, deleted afterwards)")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="stop a command's run after this long, with an error (default 600)")
+    p.add_argument("train_command", nargs=argparse.REMAINDER, metavar="COMMAND",
+                   help="after --: the training command, e.g. -- python train.py --epochs 1")
+    p.set_defaults(func=_audit)
     p = sub.add_parser("report", help="execute every notebook with papermill and render HTML")
     p.add_argument("--profile", default="smoke", help="a profile in notebooks/profiles.yaml")
     p.add_argument("--out", default="reports", help="where the executed notebooks and HTML go")

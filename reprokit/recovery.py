@@ -9,8 +9,10 @@ final digest is full recovery; R = 1 with a different digest is recovery within 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -35,7 +37,15 @@ from reprokit.checkpoint import (
 from reprokit.config import TrainConfig
 from reprokit.digests import max_abs_diff
 from reprokit.errors import ReprokitError
-from reprokit.rundir import METRICS, read_json, read_metrics
+from reprokit.rundir import MANIFEST, METRICS, read_json, read_metrics
+from reprokit.scriptruns import (
+    DEFAULT_TIMEOUT,
+    ScriptRun,
+    check_command,
+    command_env,
+    kill_command,
+    run_command,
+)
 from reprokit.trainer import RunResult, train
 
 PHASES = ("step", "save", "external")
@@ -122,28 +132,40 @@ def _kill_from_outside(proc: subprocess.Popen[str], run_dir: Path, config: Train
 
 
 def fault_matrix(
-    config: TrainConfig,
+    target: TrainConfig | Sequence[str],
     kill_points: Sequence[KillPoint],
     work_dir: str | Path,
     *,
     resume_threads: Sequence[int | None] = (None,),
     jobs: int = 2,
-) -> tuple[pd.DataFrame, RunResult]:
+    timeout: float = DEFAULT_TIMEOUT,
+) -> tuple[pd.DataFrame, RunResult | ScriptRun]:
     """Run the reference, kill a run at each point, resume each and compare with the reference.
 
     Args:
-        config: the run (needs ``checkpoint_every`` or ``checkpoint_seconds``).
+        target: the run: a :class:`TrainConfig` (needs ``checkpoint_every`` or
+            ``checkpoint_seconds``), or the command of a script that uses :class:`reprokit.Run` and
+            saves checkpoints. A command is killed through ``REPROKIT_CRASH_AT_STEP`` /
+            ``REPROKIT_CRASH_DURING_SAVE``, or from outside once metrics.csv shows the kill point's
+            step (an external point's step, or one drawn at random when it is 0), and resumed by
+            relaunching it unchanged.
         kill_points: where to kill.
         work_dir: a directory for the reference and the killed runs.
         resume_threads: resume every killed run once per entry; ``None`` resumes as the run started,
             an int resumes with that many intra-op threads (a cross-environment resume, forced).
         jobs: killed runs to start at once (each is a child process).
+        timeout: seconds one run of a command may take.
 
     Returns:
-        The fault table (one row per kill point and resume setting) and the reference result.
+        The fault table (one row per kill point and resume setting) and the reference result. A
+        command's ``resume_latency_s`` is NaN: the relaunch's start-up is the script's own.
     """
+    if not isinstance(target, TrainConfig):
+        command = check_command(target)
+        return _command_matrix(command, kill_points, Path(work_dir), resume_threads, jobs, timeout)
     from reprokit.resumer import resume  # resume imports train; kept local so train can import us
 
+    config = target
     if not (config.checkpoint_every or config.checkpoint_seconds):
         raise RecoveryError("the config saves no checkpoints; set checkpoint_every (e.g. 10)")
     work = Path(work_dir)
@@ -153,30 +175,87 @@ def fault_matrix(
         list(pool.map(lambda ik: kill_run(config, killed[ik[0]], ik[1], seed=ik[0]), enumerate(kill_points)))
     rows = []
     for i, (kill, run_dir) in enumerate(zip(kill_points, killed, strict=True)):
-        label = f"external {i}" if kill.phase == "external" else kill.label
         for threads in resume_threads:
-            target = run_dir.with_name(f"{run_dir.name}-t{threads or config.threads}")
-            shutil.copytree(run_dir, target)
+            target_dir = run_dir.with_name(f"{run_dir.name}-t{threads or config.threads}")
+            shutil.copytree(run_dir, target_dir)
             changes = {"threads": threads} if threads is not None else None
-            result = resume(target, changes=changes, force=threads is not None, progress=False)
+            result = resume(target_dir, changes=changes, force=threads is not None, progress=False)
             assert result.resume is not None
             rows.append({
-                "kill": label,
-                "phase": kill.phase,
-                "kill_step": kill.step if kill.phase != "external" else _last_step_written(run_dir),
+                **_kill_columns(i, kill, run_dir),
                 "resumed_from": result.resume.from_step,
                 "skipped": len(result.resume.skipped),
                 "resume_latency_s": result.resume.latency_seconds,
-                "threads_start": config.threads,
-                "threads_resume": threads or config.threads,
-                "identical": result.final_digest == reference.final_digest,
-                "max_abs_diff": max_abs_diff(reference.final_state, result.final_state),
-                "P_t": reference.final_metric,
-                "P_r": result.final_metric,
-                "R": result.final_metric / reference.final_metric,
-                "run_dir": str(target),
+                **_outcome(reference, result, config.threads, threads or config.threads, target_dir),
             })
     return pd.DataFrame(rows), reference
+
+
+def _command_matrix(command: list[str], kill_points: Sequence[KillPoint], work: Path,
+                    resume_threads: Sequence[int | None], jobs: int, timeout: float,
+                    ) -> tuple[pd.DataFrame, ScriptRun]:
+    """:func:`fault_matrix` of a user's command: every run is a subprocess, resumed by relaunching."""
+    reference = run_command(command, command_env(work / "reference"), timeout=timeout)
+    if not list_checkpoints(reference.run_dir):
+        raise RecoveryError(f"`{shlex.join(command)}` saved no checkpoints in {reference.run_dir}, so a "
+                            "killed run could only restart; pass checkpoint_every to reprokit.Run, or set "
+                            "REPROKIT_CHECKPOINT_EVERY")
+    killed = [work / f"killed-{i:02d}-{k.phase}-{k.step}" for i, k in enumerate(kill_points)]
+
+    def kill(i: int) -> None:
+        point = kill_points[i]
+        variable = {"step": "REPROKIT_CRASH_AT_STEP", "save": "REPROKIT_CRASH_DURING_SAVE"}.get(point.phase)
+        env = command_env(killed[i], extra={variable: str(point.step)} if variable else None)
+        # from outside: once the chosen step is on disk (drawn short of the end, so the run is still going)
+        after = None if variable else point.step or random.Random(i).randint(1, max(1, reference.steps - 1))
+        kill_command(command, env, after_step=after, timeout=timeout)
+
+    start = reference.threads
+
+    def relaunch(i: int) -> list[ScriptRun]:
+        # one copy at a time: copies of one run share its ledger row, which only one may finish
+        runs = []
+        for threads in resume_threads:
+            target_dir = killed[i].with_name(f"{killed[i].name}-t{threads or start}")
+            shutil.copytree(killed[i], target_dir)
+            other = {"REPROKIT_THREADS": str(threads), "REPROKIT_FORCE": "1"} if threads is not None else None
+            runs.append(run_command(command, command_env(target_dir, extra=other), timeout=timeout))
+        return runs
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        list(pool.map(kill, range(len(kill_points))))
+        results = list(pool.map(relaunch, range(len(kill_points))))
+    rows = []
+    for i, runs in enumerate(results):
+        for threads, result in zip(resume_threads, runs, strict=True):
+            entry = (read_json(result.run_dir, MANIFEST).get("resumes") or [{}])[-1]  # none: killed before
+            rows.append({
+                **_kill_columns(i, kill_points[i], killed[i]),
+                "resumed_from": int(entry.get("from_step") or 0),
+                "skipped": len(entry.get("skipped") or []),
+                "resume_latency_s": math.nan,
+                **_outcome(reference, result, start, threads or start, result.run_dir),
+            })
+    return pd.DataFrame(rows), reference
+
+
+def _kill_columns(i: int, kill: KillPoint, run_dir: Path) -> dict[str, Any]:
+    return {"kill": f"external {i}" if kill.phase == "external" else kill.label, "phase": kill.phase,
+            "kill_step": kill.step if kill.phase != "external" else _last_step_written(run_dir)}
+
+
+def _outcome(reference: RunResult | ScriptRun, result: RunResult | ScriptRun, threads_start: int | None,
+             threads_resume: int | None, run_dir: Path) -> dict[str, Any]:
+    return {
+        "threads_start": threads_start,
+        "threads_resume": threads_resume,
+        "identical": result.final_digest == reference.final_digest,
+        "max_abs_diff": max_abs_diff(reference.final_state, result.final_state),
+        "P_t": reference.final_metric,
+        "P_r": result.final_metric,
+        "R": result.final_metric / reference.final_metric,
+        "run_dir": str(run_dir),
+    }
 
 
 def _last_step_written(run_dir: Path) -> int:
@@ -185,10 +264,11 @@ def _last_step_written(run_dir: Path) -> int:
     return int(steps.max()) if len(steps) else 0
 
 
-def recovery_curves(table: pd.DataFrame, reference: RunResult) -> pd.DataFrame:
+def recovery_curves(table: pd.DataFrame, reference: RunResult | ScriptRun) -> pd.DataFrame:
     """Training loss per step of the reference and of every resumed run, in long form
     (run, kill, threads_resume, step, loss), read from the run directories."""
-    frames = [pd.DataFrame({"run": "reference", "kill": "", "threads_resume": reference.config.threads,
+    threads = table["threads_start"].iloc[0] if len(table) else None
+    frames = [pd.DataFrame({"run": "reference", "kill": "", "threads_resume": threads,
                             "step": range(len(reference.losses)), "loss": reference.losses})]
     for row in table.itertuples():
         metrics = read_metrics(str(row.run_dir))

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import pytest
 
 from reprokit import TrainConfig, audit_determinism, determinism_verdict, divergences, seed_variance, train
+from reprokit.cli import main
 from reprokit.errors import ConfigError
+from reprokit.scriptruns import ScriptRunError
 
 BASE = TrainConfig(model="cnn", steps=8, batch_size=32, threads=1)
+# the example script as a user's command: one epoch of 45 steps, loaders in the main process
+EXAMPLE = [sys.executable, str(Path(__file__).resolve().parents[1] / "examples" / "train_digits_reprokit.py"),
+           "--epochs", "1", "--workers", "0"]
 
 
 def test_thread_factor_verdict_matches_direct_digests() -> None:
@@ -100,3 +109,48 @@ def test_vary_seeds_sweeps_factors_on_a_subset_only() -> None:
     assert audit.groupby("seed").size().to_dict() == {0: 2, 1: 1, 2: 1}
     with pytest.raises(ConfigError, match=r"vary_seeds \[5\] are not among seeds"):
         audit_determinism(config, [0, 1], 1, {"num_workers": [0, 1]}, vary_seeds=[5], progress=False)
+
+
+def test_script_audit_finds_the_thread_factor_and_identical_repeats(tmp_path: Path) -> None:
+    """On the example script, repeats are bitwise identical and 2 threads split from 1 at the first
+    update; the table has a config audit's columns and each row is its run directory's result."""
+    audit = audit_determinism(EXAMPLE, [0], 2, {"threads": [1, 2]}, jobs=2, work_dir=tmp_path, progress=False)
+    config_audit = audit_determinism(BASE, [0], 1, {"threads": [1]}, progress=False)
+    assert list(audit.columns) == list(config_audit.columns)
+    verdict = determinism_verdict(audit).set_index("factor")
+    assert verdict.loc["repeat (same settings)", "bitwise_identical"] == "yes"
+    assert verdict.loc["threads", ["base", "value", "bitwise_identical"]].tolist() == ["1", "2", "no"]
+    assert verdict.loc["threads", "first_diverged_step"] == 1
+    assert len(divergences(audit)) == 2 and (divergences(audit)["max_abs_diff"] > 0).all()
+    assert len(audit["losses"].iloc[0]) == 45 and audit["metric"].iloc[0] == "test_accuracy"
+    for row in audit.itertuples():
+        (run_dir,) = tmp_path.glob(f"audit-*/seed0-threads{row.threads}-r{row.repeat}")
+        assert json.loads((run_dir / "result.json").read_text())["final_digest"] == row.final_digest
+        assert json.loads((run_dir / "manifest.json").read_text())["seeding"]["threads"] == row.threads
+
+
+def test_audit_cli_on_a_command_exits_zero_when_repeats_agree(capsys: pytest.CaptureFixture[str]) -> None:
+    """`reprokit audit -- COMMAND` prints the table and the verdict, exit 0 as repeats are identical."""
+    assert main(["audit", "--seeds", "3", "--repeats", "2", "--jobs", "2", "--", *EXAMPLE]) == 0
+    out = capsys.readouterr().out
+    assert "repeat (same settings)" in out and "every repeat is bitwise identical" in out
+
+
+@pytest.mark.parametrize(
+    ("target", "vary", "error", "message"),
+    [
+        ("python train.py", {}, ConfigError, "is a string; pass a list of arguments"),
+        ([], {}, ConfigError, "must be a non-empty list of strings"),
+        (EXAMPLE, {"lr": [0.1, 0.2]}, ConfigError, r"cannot vary 'lr' for a command; .*'num_workers'"),
+        (EXAMPLE, {"threads": [0]}, ConfigError, "REPROKIT_THREADS=0 is below 1"),
+        ([sys.executable, "-c", "import sys; sys.exit('planted failure')"], {}, ScriptRunError,
+         r"exited with status 1; the end of its stderr:\n  planted failure"),
+    ],
+)
+def test_bad_commands_are_refused_naming_the_problem(
+    target: object, vary: dict[str, list[object]], error: type[Exception], message: str
+) -> None:
+    """A command given as a string, a factor a command cannot vary, a bad value or a failing command
+    raise an error naming the command, the value or the exit status and stderr."""
+    with pytest.raises(error, match=message):
+        audit_determinism(target, [0], 1, vary, progress=False)  # type: ignore[arg-type]

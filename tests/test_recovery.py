@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from reprokit import TrainConfig
+from reprokit import ReprokitError, TrainConfig
 from reprokit.recovery import (
     DAMAGES,
     KillPoint,
@@ -19,6 +20,9 @@ from reprokit.recovery import (
 )
 
 CONFIG = TrainConfig(model="mlp", steps=16, batch_size=128, threads=1, checkpoint_every=4)
+# the example script as a user's command: one epoch of 45 steps, a checkpoint every 10
+EXAMPLE = [sys.executable, str(Path(__file__).resolve().parents[1] / "examples" / "train_digits_reprokit.py"),
+           "--epochs", "1", "--workers", "0"]
 
 
 def test_fault_matrix_resumes_identically_and_reports_thread_changes_honestly(tmp_path: Path) -> None:
@@ -59,3 +63,25 @@ def test_kill_plan_validates_and_draws_reproducibly() -> None:
         kill_plan(50)
     with pytest.raises(RecoveryError, match="kill phase 'later' is unknown"):
         KillPoint(3, "later")
+
+
+def test_fault_matrix_on_a_script_relaunches_bitwise(tmp_path: Path) -> None:
+    """The example script killed before its first checkpoint, mid-save and from outside, then
+    relaunched unchanged, finishes with the reference's final digest each time."""
+    kills = [KillPoint(5), KillPoint(20, "save"), KillPoint(33, "external")]
+    table, reference = fault_matrix(EXAMPLE, kills, tmp_path, jobs=2)
+    assert table["kill"].tolist() == ["step 5", "save 20", "external 2"]
+    assert table["resumed_from"].tolist()[:2] == [0, 10]  # the save of step 20 never committed
+    assert table["kill_step"].iloc[2] >= 33 and table["resumed_from"].iloc[2] in (30, 40)
+    assert table["identical"].all() and (table["max_abs_diff"] == 0).all() and (table["R"] == 1).all()
+    assert (table["threads_start"] == 1).all() and reference.steps == 45
+    assert recovery_verdict(table)["verdict"].tolist() == ["3/3 resumes bitwise identical"]
+    curves = recovery_curves(table, reference)
+    assert curves.groupby("run")["step"].max().eq(45).all()
+
+
+def test_fault_matrix_refuses_a_kill_point_the_script_cannot_reach(tmp_path: Path) -> None:
+    """A mid-save kill at a step that saves no checkpoint fails with the script's own reason."""
+    with pytest.raises(ReprokitError, match=r"(?s)killed at its kill point, but .* exited with status 1.*"
+                                            r"REPROKIT_CRASH_DURING_SAVE=15 is not a checkpoint step"):
+        fault_matrix(EXAMPLE, [KillPoint(15, "save")], tmp_path, jobs=1)
