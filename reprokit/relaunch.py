@@ -14,9 +14,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
+from reprokit.compare import compare_runs
 from reprokit.entrypoint import EntryPoint, EntryPointError, file_bytes_digest
+from reprokit.reproduction import ReproduceError, Reproduction
 from reprokit.rundir import MANIFEST, RESULT, read_json
 
 
@@ -92,11 +93,8 @@ def _recorded_overrides(run_dir: str | Path) -> dict[str, str]:
 
 
 def reproduce_script(run_dir: str | Path, out: str | Path, *, tolerance: float,
-                     env: dict[str, str] | None = None) -> Any:
+                     env: dict[str, str] | None = None) -> Reproduction:
     """Re-execute a finished script run into ``out`` and compare: a :class:`Reproduction`."""
-    from reprokit.compare import compare_runs
-    from reprokit.reproduction import ReproduceError, Reproduction
-
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / RESULT).is_file():
         raise ReproduceError(f"run {str(run_dir)!r} has no {RESULT}: only a finished run can be reproduced; "

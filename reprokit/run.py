@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import math
 import signal
 import sys
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from reprokit.callbacks import TrainState
 from reprokit.checkpoint import CALLBACKS_KEY, MODEL_KEY, RNG_KEY, CheckpointMeta, Snapshot
 from reprokit.checkpointer import Checkpointer
 from reprokit.datadigest import digest_data
@@ -53,6 +55,7 @@ from reprokit.runresume import (
     RunFinished,
     config_mapping,
     open_run_dir,
+    record_begin,
     restore_tracked,
 )
 from reprokit.seeding import RngState, capture_rng_state, restore_rng_state, seed_everything
@@ -293,8 +296,6 @@ class Run:
         modules = [o for o in self._tracked.values() if isinstance(o, nn.Module)]
         if self.trace_every:
             self._tracer = Tracer(self.path, every=self.trace_every)
-        from reprokit.callbacks import TrainState
-
         self._state = TrainState(self._manifest["config"], modules[0], self._first_optimizer(), None, 0)
         if self._resumed is None:
             self._manifest = self._writer_begin(sources)
@@ -311,8 +312,6 @@ class Run:
                 ld.load_state(saved)
 
     def _writer_begin(self, sources: dict[str, str]) -> dict[str, Any]:
-        from reprokit.runresume import record_begin
-
         return record_begin(self._writer, self._manifest, sources,
                             {n: type(o).__name__ for n, o in self._tracked.items()})
 
@@ -458,8 +457,6 @@ def _number(name: str, value: Any) -> float:
 
 def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
     if "metrics" in row:
-        import json
-
         row = {**row, "metrics": json.dumps(row["metrics"], sort_keys=False)}
     return row
 

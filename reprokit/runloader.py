@@ -30,6 +30,7 @@ from torch.utils.data import (
     RandomSampler,
     Sampler,
     SequentialSampler,
+    TensorDataset,
 )
 
 from reprokit.errors import DataError
@@ -58,6 +59,8 @@ class _SeededDataset(Dataset[Any]):
 
     def __init__(self, dataset: Dataset[Any]) -> None:
         self.dataset = dataset
+        # a TensorDataset's __getitem__ draws no randomness: nothing to seed, nothing to put back
+        self._plain = type(dataset) is TensorDataset
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -66,6 +69,8 @@ class _SeededDataset(Dataset[Any]):
         return self.__getitems__([key])[0]
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
+        if self._plain:
+            return [self.dataset[index] for _, index in keys]
         saved = (random.getstate(), np.random.get_state(), torch.default_generator.get_state())
         try:
             out = []
