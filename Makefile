@@ -51,6 +51,7 @@ nbval: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_digest.py
 	$(BIN)/python benchmarks/bench_overhead.py
+	$(BIN)/python benchmarks/bench_run.py
 	$(BIN)/python benchmarks/bench_trace.py
 	$(BIN)/python benchmarks/bench_checkpoint.py
 
