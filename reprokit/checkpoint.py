@@ -181,8 +181,8 @@ def write_checkpoint(run_dir: str | Path, snap: Snapshot, *, crash_midway: bool 
 def take_spare(root: Path, path: Path) -> None:
     """Move the spare tensors file (a pruned checkpoint's, see :func:`keep_spare`) to ``path``, if
     there is one. Overwriting its blocks in place is much faster than writing a new file on ext4:
-    no block allocation and no unwritten-extent conversion (a raw 134 MB direct write + fsync:
-    32-35 ms vs 57-60 ms here), as PostgreSQL recycles its WAL segments. Its old bytes never count:
+    no block allocation and no unwritten-extent conversion (figures in README, "How the save got
+    here"), as PostgreSQL recycles its WAL segments. Its old bytes never count:
     the writer overwrites the file from the start, cuts it to the new size and reads it back."""
     with contextlib.suppress(FileNotFoundError):
         os.replace(root / SPARE, path)

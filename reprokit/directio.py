@@ -1,8 +1,8 @@
 """Durable, read-back-verified file writes that bypass the page cache (``O_DIRECT``), for checkpoints.
 
 A checkpoint must reach the disk (fsync) and be checked before older ones are pruned. Through the
-page cache that costs three passes: copy into the cache, write back to the disk, fsync; on this
-machine's virtual disk the write-back also stalled now and then for 0.3-0.6 s. ``O_DIRECT`` sends
+page cache that costs three passes: copy into the cache, write back to the disk, fsync; on a
+virtual disk the write-back can also stall now and then. ``O_DIRECT`` sends
 the bytes from our own aligned buffers straight to the device (the approach of DeepSpeed's
 FastPersist), so durability costs one pass and no cache pages are dirtied or evicted:
 
@@ -12,9 +12,8 @@ FastPersist), so durability costs one pass and no cache pages are dirtied or evi
 
 Once the last chunk is written the file is read back from the device, so the check is of the bytes
 the disk holds, not of a cached copy.
-Reading chunks back while later ones are still being written was measured and is slower here
-(reads and writes compete on the virtual disk: 0.116 s vs 0.106 s a save, and a raw-disk A/B
-of 128 MB: 113-117 ms overlapped at any lag vs 105-114 ms one after the other). Meanwhile the
+Reading chunks back while later ones are still being written was measured and is slower (reads
+and writes compete on a virtual disk; the figures are in README, "How the save got here"). Meanwhile the
 caller writes and fsyncs its small files (:meth:`DirectWriter.written` returns before the read-back).
 The first chunks are small (``RAMP``, doubling up to ``CHUNK``) so the disk starts early.
 The tail chunk is padded to the block size for the write and the file truncated to its true length.
@@ -51,7 +50,7 @@ class ReadBackError(ReprokitError):
 
 class _Pool:
     """Page-aligned anonymous buffers of CHUNK bytes, pre-faulted and reused from save to save
-    (first-touch page faults would otherwise cost ~1 ms per MB on every save)."""
+    (first-touch page faults would otherwise be paid on every save)."""
 
     def __init__(self) -> None:
         self._free: list[mmap.mmap] = []
@@ -171,7 +170,7 @@ class DirectWriter:
             self._free.put(buf)
         try:
             if self._error is None:
-                # before the read-back: a truncate waits for direct I/O in flight (6 ms measured)
+                # before the read-back: a truncate waits for direct I/O in flight
                 os.ftruncate(self.fd, self._offset)
         except BaseException as e:
             self._error = e
@@ -184,7 +183,7 @@ class DirectWriter:
 
     def _read_back(self, end: int) -> None:
         """Digest ``[0, end)`` as the disk returns it (O_DIRECT: not from a cache). Reading ahead in a
-        second thread while this one hashes was measured slower (36.5 vs 34.6 ms for 134 MB)."""
+        second thread while this one hashes was measured slower (README, "How the save got here")."""
         view, offset = memoryview(self._buffers[0]), 0
         while offset < end:
             n = min(CHUNK, end - offset)

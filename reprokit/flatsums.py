@@ -3,7 +3,7 @@
 After a traced optimizer step the tracer (``reprokit.trace``) needs, for every tensor,
 Σ|g·θ_{t−1}|, Σ|Δθ|, Σ|θ_t|, ΣΔθ², Σθ_t² and Σg². A handful of ops per tensor would cost a
 dispatch each, more than the arithmetic of most tensors; and right after a training step every op
-costs ~10 µs more than in a loop of its own (its code and data are out of cache). So the sums come
+costs more than in a loop of its own (its code and data are out of cache). So the sums come
 from a dozen ops over flat copies, whatever the number of tensors:
 
 - Five rows θ_a, g·θ_{t−1}, Δθ, θ_b, g, each tensor starting at a multiple of ``block`` values
@@ -42,7 +42,7 @@ class Turn(NamedTuple):
 
 
 def _kernels() -> ModuleType | None:
-    """:mod:`reprokit.flatkernels` (imported on first use: numba takes ~0.4 s to import), or ``None``
+    """:mod:`reprokit.flatkernels` (imported on first use: numba is slow to import), or ``None``
     where numba is missing."""
     try:
         from reprokit import flatkernels

@@ -149,7 +149,8 @@ def save_code_diff(run_dir: Path, code: CodeState) -> None:
 @functools.cache
 def installed_packages() -> tuple[str, ...]:
     """``name==version`` of every installed distribution, names normalised (PEP 503), sorted.
-    Cached: the scan takes ~0.2 s, and a reinstall would not change the modules already imported."""
+    Cached: the scan reads every distribution's metadata, and a reinstall would not change the
+    modules already imported."""
     found = set()
     for dist in importlib.metadata.distributions():
         name = dist.metadata["Name"]

@@ -1,7 +1,7 @@
 """A checkpoint's tensors outside its pickle: one safetensors file, written as a raw stream.
 
-Why: ``torch.save`` pickles the whole state before it writes the first tensor byte (9-10 ms for
-resnet18 + Adam's 312 tensors here), and the disk waits. Split out, the tensors' bytes start
+Why: ``torch.save`` pickles the whole state before it writes the first tensor byte (for resnet18
++ Adam, 312 tensors), and the disk waits. Split out, the tensors' bytes start
 flowing at once and what is left to pickle (optimizer hyper-parameters, RNG states, counters) is a
 few KB. The file is standard safetensors (8-byte header length, JSON header, raw little-endian
 data), so any safetensors tool can read it; loading it runs no code.
