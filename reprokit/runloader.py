@@ -2,10 +2,13 @@
 
 The order of a pass comes from a generator seeded with (seed, loader, epoch, pass); the position
 is a batch counter, so a resume starts at batch b without drawing the batches before it. Each
-sample is fetched with python's, numpy's and torch's global RNGs seeded from (that pass's seed,
-its index) and put back afterwards, so a random crop or flip in ``__getitem__`` gives the same
-bits in the main process or in any worker, with any ``num_workers``, before and after a resume,
-and the training process's own RNG streams (dropout) are untouched by the fetch.
+sample is fetched with torch's and numpy's global RNGs seeded from (that pass's seed, its index),
+and python's ``random`` from (that pass's seed, the batch's first index) once per batch (its
+seeding costs as much as a small transform; a batch is always fetched whole, by one process, so
+this is as exact). A random crop or flip in ``__getitem__`` thus gives the same bits in the main
+process or in any worker, with any ``num_workers``, before and after a resume. In the main
+process the three states are put back after each batch, so the training's own RNG streams
+(dropout) are untouched by the fetch; a worker's need not be.
 
 A user's existing DataLoader is taken over: its dataset, batch size, shuffle, drop_last, collate
 function, workers and their settings. What cannot be made exact is refused with the reason: an
@@ -31,6 +34,7 @@ from torch.utils.data import (
     Sampler,
     SequentialSampler,
     TensorDataset,
+    get_worker_info,
 )
 
 from reprokit.errors import DataError
@@ -47,6 +51,9 @@ _REFUSED = {
                      "drop_last instead",
     "generator": "the order's generator is reprokit's (seeded from seed, epoch and pass); drop it",
 }
+
+
+_BATCH = 0x9E3779B9  # sets python's per-batch seed apart from the first sample's torch/numpy seed
 
 
 def _sample_seed(pass_seed: int, index: int) -> int:
@@ -71,20 +78,26 @@ class _SeededDataset(Dataset[Any]):
     def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
         if self._plain:
             return [self.dataset[index] for _, index in keys]
+        if get_worker_info() is not None:  # a worker's RNGs serve nothing but these fetches
+            return self._fetch(keys)
         saved = (random.getstate(), np.random.get_state(), torch.default_generator.get_state())
         try:
-            out = []
-            for pass_seed, index in keys:
-                seed = _sample_seed(pass_seed, index)
-                torch.default_generator.manual_seed(seed)
-                np.random.seed(seed)
-                random.seed(seed)
-                out.append(self.dataset[index])
-            return out
+            return self._fetch(keys)
         finally:
             random.setstate(saved[0])
             np.random.set_state(saved[1])
             torch.default_generator.set_state(saved[2])
+
+    def _fetch(self, keys: list[tuple[int, int]]) -> list[Any]:
+        random.seed(_sample_seed(keys[0][0], keys[0][1]) ^ _BATCH)
+        out = []
+        generator, dataset = torch.default_generator, self.dataset
+        for pass_seed, index in keys:
+            seed = _sample_seed(pass_seed, index)
+            generator.manual_seed(seed)
+            np.random.seed(seed)
+            out.append(dataset[index])
+        return out
 
 
 class _PassSampler(Sampler[list[tuple[int, int]]]):

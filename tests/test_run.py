@@ -240,3 +240,33 @@ def test_a_resumed_loop_outside_run_epochs_is_an_error(tmp_path: Path) -> None:
             for _batch in train:
                 pass
     run._close("crashed")
+
+
+class _ThreeRngs(torch.utils.data.Dataset[torch.Tensor]):
+    """An augmentation drawing from python's, numpy's and torch's global RNGs."""
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        import random
+
+        import numpy as np
+
+        return torch.tensor([i, random.random(), float(np.random.rand()), float(torch.rand(()))])
+
+
+def test_augmentations_do_not_depend_on_workers_and_leave_the_main_rngs_alone(tmp_path: Path) -> None:
+    """The same batches with 0 and 2 workers; fetching in the main process draws nothing from its RNGs."""
+    passes = {}
+    for workers in (0, 2):
+        run = reprokit.Run(tmp_path / f"w{workers}", seed=9)
+        run.track(model=nn.Linear(1, 1))
+        loader = run.loader(_ThreeRngs(), batch_size=8, shuffle=True, num_workers=workers)
+        before = torch.get_rng_state()
+        passes[workers] = torch.cat(list(loader))
+        if workers == 0:
+            assert torch.equal(torch.get_rng_state(), before)
+        run._close("crashed")
+    assert torch.equal(passes[0], passes[2])
+    assert len(set(passes[0][:, 1].tolist())) > 1  # python's draws differ between samples too
