@@ -20,6 +20,7 @@ import yaml
 from reprokit import differences
 from reprokit.data import DATASETS
 from reprokit.errors import ConfigError
+from reprokit.factories import check_reference, is_factory
 from reprokit.models import LR_SCHEDULES, MODELS, OPTIMIZERS, STRATEGIES
 from reprokit.seeding import SEED_MAX
 
@@ -67,7 +68,7 @@ class TrainConfig:
         for f in fields(self):
             object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
         _choice("dataset", self.dataset, DATASETS)
-        _choice("model", self.model, tuple(MODELS))
+        _choice("model", self.model, tuple(MODELS))  # or a factory's import path, see factories.py
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _at_least("batch_size", self.batch_size, 1)
@@ -201,6 +202,9 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if name in ("model", "dataset") and is_factory(value):
+        check_reference(name, value)
+        return
     if value not in choices:
         raise ConfigError(f"{name} {value!r} is not available; choose one of {sorted(choices)}")
 

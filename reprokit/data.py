@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from reprokit.digests import tensor_digest
 from reprokit.errors import DataError
+from reprokit.factories import is_factory, resolve
 from reprokit.seeding import derive_seed, make_generator, seed_worker
 
 DATASETS = ("digits", "digits_0_4", "digits_5_9", "regression")
@@ -76,8 +77,11 @@ def load_dataset(
     elif name == "regression":
         x, y = _regression(split_seed)
         task, outputs = "regression", 1
+    elif is_factory(name):
+        x, y, task, outputs = _from_factory(name)
     else:
-        raise DataError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; choose one of {list(DATASETS)} or a factory "
+                        "'package.module:function' returning (x, y)")
     order = torch.randperm(len(x), generator=make_generator(split_seed))
     n_val = max(1, round(len(x) * val_fraction))
     val, tr = order[:n_val], order[n_val:]
@@ -93,6 +97,23 @@ def load_dataset(
     for key, t in parts.items():
         h.update(tensor_digest(key, t).encode())
     return DatasetBundle(name=name, task=task, num_outputs=outputs, digest=h.hexdigest(), **parts)
+
+
+def _from_factory(name: str) -> tuple[torch.Tensor, torch.Tensor, str, int]:
+    """The user's ``(x, y)``: integer targets are classes, float targets a regression."""
+    factory = resolve("dataset", name)
+    try:
+        x, y = factory()
+    except (TypeError, ValueError) as e:
+        raise DataError(f"dataset factory {name!r} must return (x, y), tensors or arrays ({e})") from e
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    if len(x) != len(y) or len(x) < 2:
+        raise DataError(f"dataset factory {name!r} returned {len(x)} inputs and {len(y)} targets; "
+                        "return as many of each, at least 2")
+    if y.is_floating_point():
+        y = y.reshape(len(y), -1).float()
+        return x.float(), y, "regression", y.shape[1]
+    return x.float(), y.long(), "classification", int(y.max()) + 1
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:

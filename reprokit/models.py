@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from reprokit.errors import ModelError
+from reprokit.factories import is_factory, resolve
 
 MLP_HIDDEN = 64  # enough to fit digits to ~97% validation accuracy, small enough to trace per step
 
@@ -66,10 +67,16 @@ def build_model(name: str, input_shape: tuple[int, ...], outputs: int) -> nn.Mod
 
     Parameters are initialised from torch's global RNG, so seed first.
     """
-    if name not in MODELS:
-        raise ModelError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     if outputs < 1:
         raise ModelError(f"model {name!r} needs at least 1 output, got {outputs}")
+    if is_factory(name):  # the user's own: "package.module:factory", called (input_shape, outputs)
+        model = resolve("model", name)(tuple(input_shape), outputs)
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"model factory {name!r} returned a {type(model).__name__}, not an nn.Module")
+        return model
+    if name not in MODELS:
+        raise ModelError(f"unknown model {name!r}; choose one of {sorted(MODELS)} or a factory "
+                         "'package.module:function'")
     return MODELS[name](tuple(input_shape), outputs)
 
 

@@ -204,6 +204,7 @@ def build_manifest(
     parent: Mapping[str, Any] | None = None,
     repo_dir: Path | None = None,
     code: CodeState | None = None,
+    factories: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest of a run about to start; call it right before the first step.
 
@@ -218,6 +219,7 @@ def build_manifest(
         repo_dir: where to look for the git checkout (see :func:`code_state`).
         code: a :func:`code_state` taken by the caller, who then saves its diff with
             :func:`save_code_diff`: one look at the checkout, so manifest and ``code.diff`` agree.
+        factories: the user's model/dataset factories the config names, with their source digests.
     """
     if code is not None and repo_dir is not None:
         raise ProvenanceError(
@@ -238,7 +240,8 @@ def build_manifest(
         "rng_state_digest": _rng_state_digest(),
         "data": _data_entry(data, config_dict),
         "environment": environment(),
-        "code": {**code.to_dict(), "reprokit_source": source_digest()},
+        "code": {**code.to_dict(), "reprokit_source": source_digest(),
+                 **({"factories": dict(factories)} if factories else {})},
         "lineage": {"parent": _check_parent(parent)},
     }
     manifest["fingerprint"] = fingerprint(manifest)
@@ -309,7 +312,7 @@ def fingerprint(manifest: Mapping[str, Any]) -> str:
             "config": {k: v for k, v in manifest["config"].items()
                        if k not in manifest.get("recording_fields", ())},
             "seeding": manifest["seeding"],
-            "code": {k: code.get(k) for k in ("commit", "diff_digest", "reprokit_source")},
+            "code": {k: code.get(k) for k in ("commit", "diff_digest", "reprokit_source", "factories")},
             "data": manifest["data"]["digest"],
             "environment": {k: env.get(k) for k in _FINGERPRINT_ENVIRONMENT},
             "parent": parent["digest"] if parent else None,

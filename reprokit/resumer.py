@@ -31,6 +31,7 @@ from reprokit.config import RECORDING_FIELDS, TrainConfig, config_differences
 from reprokit.data import batches_per_epoch
 from reprokit.digests import model_digest, source_digest
 from reprokit.errors import ReprokitError
+from reprokit.factories import code_version, is_factory
 from reprokit.faults import NO_FAULTS, Faults
 from reprokit.finetuning import verify_parent
 from reprokit.ledger import LedgerEntry
@@ -91,8 +92,11 @@ def resume(
         meta = chosen[0]
         if meta.data_digest != session.data.digest:
             differences.append(f"data digest: {meta.data_digest} -> {session.data.digest}")
-        if meta.code_version != source_digest():
-            differences.append(f"reprokit code version: {meta.code_version} -> {source_digest()}")
+        now = code_version(source_digest(), config.model, config.dataset)
+        if meta.code_version != now:
+            what = "reprokit's or the model/dataset factory's" if is_factory(config.model + config.dataset) \
+                else "reprokit"
+            differences.append(f"{what} code version: {meta.code_version} -> {now}")
     if differences and not force:
         raise ResumeError(
             f"resuming {str(run_dir)!r} would change what the run computes: {'; '.join(differences)}; "

@@ -36,6 +36,7 @@ from reprokit.config import TrainConfig
 from reprokit.data import DatasetBundle, EpochBatchSampler, batches_per_epoch, load_dataset, make_loader
 from reprokit.digests import combine_digests, source_digest, state_digests
 from reprokit.errors import ConfigError
+from reprokit.factories import code_version, factory_digests
 from reprokit.faults import NO_FAULTS, Faults, kill_self
 from reprokit.finetuning import finetune_callbacks, prepare
 from reprokit.ledger import LedgerEntry
@@ -172,7 +173,8 @@ def train(
     writer, entry = None, None
     if run_dir is not None:
         code = code_state()  # one look at the checkout: the manifest and code.diff agree
-        manifest = build_manifest(config, session.seeds, session.data, code=code, parent=session.parent)
+        manifest = build_manifest(config, session.seeds, session.data, code=code, parent=session.parent,
+                                  factories=factory_digests(config.model, config.dataset))
         writer = RunWriter(run_dir, manifest)
         save_code_diff(writer.path, code)
         entry = LedgerEntry.open(writer.path, manifest)
@@ -231,7 +233,8 @@ def run_loop(
         }
         meta = CheckpointMeta(
             step=state.step, epoch=state.epoch, batch=state.batch, config=config.to_dict(),
-            data_digest=data.digest, code_version=source_digest(), manifest_digest=manifest_digest,
+            data_digest=data.digest, code_version=code_version(source_digest(), config.model, config.dataset),
+            manifest_digest=manifest_digest,
             run_files=writer.sync(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         return Snapshot(meta, saved, update_only=update_only(model, optimizer))
