@@ -107,7 +107,7 @@ def trained_state() -> tuple[Callable[[], Snapshot], Callable[[Checkpointer | No
     def snapshot() -> Snapshot:
         weights = model.state_dict()
         state: dict[str, Any] = {MODEL_KEY: weights, OPTIMIZER_KEY: opt.state_dict(), SCHEDULER_KEY: None,
-                                 RNG_KEY: capture_rng_state(session.generators()).to_dict()}
+                                 RNG_KEY: capture_rng_state().to_dict()}
         meta = CheckpointMeta(step=len(list_snap), epoch=0, batch=3, config=CONFIG.to_dict(),
                               data_digest=session.data.digest, code_version=source_digest(),
                               manifest_digest="", run_files={})

@@ -288,17 +288,23 @@ def _verified_files(path: Path, *, read_back: set[str] | None = None) -> dict[st
 
 
 def check_compatible(
-    meta: CheckpointMeta, path: Path, *, config: Mapping[str, Any], model_state: Mapping[str, torch.Tensor],
-    ignore: frozenset[str] = frozenset(),
+    meta: CheckpointMeta, path: Path, *, config: Mapping[str, Any],
+    model_state: Mapping[str, torch.Tensor] | None, ignore: frozenset[str] = frozenset(),
+    layout: Mapping[str, Any] | None = None,
 ) -> None:
-    """Refuse a checkpoint written for another config or another model architecture.
+    """Refuse a checkpoint written for another config or another model architecture (that of
+    ``model_state``, or ``layout`` as :func:`architecture` gives it; neither: not checked).
 
     The config fields in ``ignore`` (how the run is recorded: checkpoint cadence, workers) may differ.
     """
     diffs = config_differences(meta.config, dict(config), ignore=ignore)
     if diffs:
         raise CheckpointError(f"{path}: written for a different config ({'; '.join(diffs)})")
-    have = architecture(model_state)
+    if model_state is not None:
+        layout = architecture(model_state)
+    if layout is None:
+        return
+    have = dict(layout)
     if have != meta.architecture:
         names = sorted(n for n in set(have) | set(meta.architecture)
                        if have.get(n) != meta.architecture.get(n))
@@ -326,15 +332,14 @@ def latest_pointer(run_dir: str | Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
-def verify_run(run_dir: str | Path, *, config: Mapping[str, Any] | None = None) -> pd.DataFrame:
+def verify_run(run_dir: str | Path, *, config: Mapping[str, Any] | None = None,
+               model_state: Mapping[str, torch.Tensor] | None = None,
+               ignore: frozenset[str] = frozenset()) -> pd.DataFrame:
     """One row per checkpoint: name, step, status ("ok" or "bad"), size, and what is wrong.
 
-    With ``config`` (the run's), a checkpoint written for another config or another model
-    architecture than that config builds counts as bad too.
+    With ``config`` (the run's), a checkpoint written for another config (the ``ignore`` fields
+    aside) counts as bad too, and with ``model_state`` one of another model architecture.
     """
-    from reprokit.config import TrainConfig  # to move out with _reference_state (tests/test_layers.py)
-
-    reference = _reference_state(config) if config is not None else None
     rows = []
     pointer = latest_pointer(run_dir)
     for path in list_checkpoints(run_dir):
@@ -343,26 +348,13 @@ def verify_run(run_dir: str | Path, *, config: Mapping[str, Any] | None = None) 
                                "latest": path.name == pointer, "bytes": size}
         try:
             meta, _ = read_checkpoint(path)
-            if config is not None and reference is not None:
-                check_compatible(meta, path, config=config, model_state=reference,
-                                 ignore=TrainConfig.recording_fields())
+            if config is not None:
+                check_compatible(meta, path, config=config, model_state=model_state, ignore=ignore)
             row.update(status="ok", problem="")
         except CheckpointError as e:
             row.update(status="bad", problem=str(e))
         rows.append(row)
     return pd.DataFrame(rows, columns=["checkpoint", "step", "latest", "bytes", "status", "problem"])
-
-
-def _reference_state(config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The state_dict layout the config's model has (weights are irrelevant: only shapes count)."""
-    from reprokit.config import TrainConfig
-    from reprokit.data import load_dataset
-    from reprokit.models import build_model
-
-    cfg = TrainConfig.from_dict(dict(config))
-    data = load_dataset(cfg.dataset, split_seed=cfg.split_seed, val_fraction=cfg.val_fraction)
-    with torch.random.fork_rng(devices=[]):  # building a model draws from the global RNG
-        return build_model(cfg.model, data.input_shape, data.num_outputs).state_dict()
 
 
 def clean_temporaries(run_dir: str | Path) -> None:

@@ -94,11 +94,12 @@ def _verify(args: argparse.Namespace) -> int:
 
     from reprokit.checkpoint import verify_run
     from reprokit.rundir import MANIFEST, read_json
+    from reprokit.trainer import verify_builtin
 
     manifest = read_json(args.run_dir, MANIFEST)
     # a built-in run's checkpoints are also checked against the model its config builds
-    config = manifest.get("config") if manifest.get("kind") != "script" else None
-    table = verify_run(args.run_dir, config=config)
+    script = manifest.get("kind") == "script"
+    table = verify_run(args.run_dir) if script else verify_builtin(args.run_dir)
     if table.empty:
         print(f"{args.run_dir}: no checkpoints")
         return 1

@@ -188,11 +188,11 @@ def make_loader(
         worker_init_fn=seed_worker if num_workers else None,
         generator=make_generator(seed),
         persistent_workers=num_workers > 0,
-        multiprocessing_context=_worker_context() if num_workers else None,
+        multiprocessing_context=worker_context() if num_workers else None,
     )
 
 
-def _worker_context() -> multiprocessing.context.BaseContext | None:
+def worker_context() -> multiprocessing.context.BaseContext | None:
     """Fork workers where the platform can: they start in milliseconds, where a spawned worker
     re-imports torch (seconds). A process started by spawn (an audit worker) would otherwise pass
     spawn on to its DataLoader. torch pins each worker to one thread, so no OpenMP pool is

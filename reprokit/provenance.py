@@ -238,17 +238,17 @@ def build_manifest(
         "seeding": seeds.to_dict(),
         # the global RNGs as the run starts (in train: after seeding and model initialisation)
         "rng_state_digest": _rng_state_digest(),
-        "data": _data_entry(data, config_dict),
+        "data": data_entry(data, config_dict),
         "environment": environment(),
         "code": {**code.to_dict(), "reprokit_source": source_digest(),
                  **({"factories": dict(factories)} if factories else {})},
-        "lineage": {"parent": _check_parent(parent)},
+        "lineage": {"parent": check_parent(parent)},
     }
     manifest["fingerprint"] = fingerprint(manifest)
     return manifest
 
 
-def _data_entry(data: Any, config: Mapping[str, Any]) -> dict[str, Any]:
+def data_entry(data: Any, config: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(data, Mapping):
         return dict(data)
     return {
@@ -261,7 +261,7 @@ def _data_entry(data: Any, config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _check_parent(parent: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def check_parent(parent: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if parent is None:
         return None
     if not isinstance(parent, Mapping) or not isinstance(parent.get("digest"), str):
@@ -380,6 +380,8 @@ def script_manifest(
     entry: Mapping[str, Any],
     settings: Mapping[str, Any],
     overrides: Mapping[str, Any],
+    kind: str = "script",
+    recording: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """The manifest of a run of a user's own loop (``reprokit.Run``), before its data is known.
 
@@ -390,10 +392,11 @@ def script_manifest(
     """
     manifest: dict[str, Any] = {
         "manifest_version": MANIFEST_VERSION,
-        "kind": "script",
+        "kind": kind,
         "run_id": uuid.uuid4().hex,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": dict(config),
+        "recording_fields": sorted(recording),
         "settings": dict(settings),
         "seeding": seeds.to_dict(),
         "rng_state_digest": _rng_state_digest(),

@@ -32,7 +32,6 @@ from reprokit.checkpoint import (
     STATE_FILE,
     TENSORS_FILE,
     list_checkpoints,
-    verify_run,
 )
 from reprokit.config import TrainConfig
 from reprokit.digests import max_abs_diff
@@ -46,7 +45,7 @@ from reprokit.scriptruns import (
     kill_command,
     run_command,
 )
-from reprokit.trainer import RunResult, train
+from reprokit.trainer import RunResult, train, verify_builtin
 
 PHASES = ("step", "save", "external")
 DAMAGES = ("truncated", "flipped byte", "missing file", "malicious pickle", "other architecture",
@@ -368,7 +367,7 @@ def corruption_table(config: TrainConfig, work_dir: str | Path) -> pd.DataFrame:
         foreign = foreigns.get(damage)
         foreign_ckpt = list_checkpoints(foreign.run_dir)[0] if foreign and foreign.run_dir else None
         damage_checkpoint(newest, damage, foreign=foreign_ckpt)
-        verdict = verify_run(run, config=read_json(run, "manifest.json")["config"])
+        verdict = verify_builtin(run)
         bad = verdict[verdict["checkpoint"] == newest.name].iloc[0]
         chosen, skipped = pick_checkpoint(run)
         fallback = f"{chosen} (skips {len(skipped)})" if chosen else "step 0 (nothing valid)"

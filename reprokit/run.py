@@ -17,7 +17,8 @@ the newest checkpoint that verifies is loaded, the epoch loop starts at its epoc
 its batch, and the tracked objects and every RNG go back at the moment that makes the continuation
 exact: when the resumed epoch's loader iterator exists (see :mod:`reprokit.runloader`). On a
 finished run it exits with status 0 (:class:`RunFinished`). SIGTERM and SIGINT stop the run after
-the current step with a verified checkpoint, exit status :data:`EXIT_STOPPED`.
+the current step with a verified checkpoint, exit status :data:`EXIT_STOPPED`. reprokit's built-in
+trainer (:mod:`reprokit.trainer`) is a client of this class like any script.
 """
 
 from __future__ import annotations
@@ -30,22 +31,25 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
 from torch import nn
 
-from reprokit.callbacks import TrainState
-from reprokit.checkpoint import CALLBACKS_KEY, MODEL_KEY, RNG_KEY, CheckpointMeta, Snapshot
+from reprokit.callbacks import Callback, TrainState, callback_keys
+from reprokit.checkpoint import CALLBACKS_KEY, MODEL_KEY, RNG_KEY, CheckpointMeta, Snapshot, architecture
 from reprokit.checkpointer import Checkpointer
 from reprokit.datadigest import digest_data
 from reprokit.digests import combine_digests, state_digests
 from reprokit.errors import ConfigError, DataError, ReprokitError
-from reprokit.faults import kill_self
-from reprokit.overrides import read_overrides
+from reprokit.faults import NO_FAULTS, Faults, kill_self
+from reprokit.ledger import LedgerEntry
+from reprokit.overrides import Overrides, read_overrides
+from reprokit.rundir import MANIFEST, METRIC_COLUMNS, RunWriter, read_json
 from reprokit.runloader import RunLoader, loader_arguments, with_workers
 from reprokit.runresume import (
     POSITION_KEY,
@@ -53,16 +57,18 @@ from reprokit.runresume import (
     Resumed,
     ResumeRefused,
     RunFinished,
+    begin_differences,
     config_mapping,
     open_run_dir,
     record_begin,
     restore_tracked,
+    settle,
 )
 from reprokit.seeding import RngState, capture_rng_state, restore_rng_state, seed_everything
 from reprokit.trace import Tracer
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT with a checkpoint; relaunch to resume
-_TRACER_KEY = "Tracer:0"
+_COLUMNS = frozenset(METRIC_COLUMNS) - {"step", "epoch", "kind", "metrics", "digest"}  # e.g. val_loss
 
 __all__ = ["EXIT_STOPPED", "ResumeRefused", "Run", "RunFinished", "RunSummary"]
 
@@ -80,6 +86,18 @@ class RunSummary:
     resumed_from_step: int | None
 
 
+@dataclass(frozen=True)
+class ResumeInfo:
+    """How a relaunched run got going again."""
+
+    checkpoint: str | None  # the checkpoint it continued from; None = restarted from step 0
+    from_step: int
+    skipped: tuple[tuple[str, str], ...]  # (checkpoint, why it was not used), newest first
+    latency_seconds: float  # from the Run() call to the first step: verify, load, restore
+    differences: tuple[str, ...]  # recipe changes accepted with force
+    forced: bool
+
+
 class Run:
     """A run of the user's own loop. See the module docstring; arguments as in DESIGN.md.
 
@@ -94,6 +112,17 @@ class Run:
         data: extra data to digest into the manifest (tensors, arrays, datasets, files).
         force: resume even if the recipe changed (recorded in the manifest).
         progress: a progress bar; ``None`` = on unless ``REPROKIT_PROGRESS=0``.
+        steps: the run's length in optimizer steps, when known: loaders stop there, the progress
+            bar has a total, and no checkpoint is taken at the last step (finish follows).
+        callbacks: hooks (:class:`reprokit.Callback`) called at start, after each step, at the end;
+            their ``state_dict`` goes into every checkpoint.
+        faults: kill points for fault-injection experiments (the ``REPROKIT_CRASH_*`` variables
+            set them too, in a run's first process only).
+        kind, resume, ignore, ledger, overrides: how a client like the built-in trainer identifies
+            its runs: ``kind="builtin"`` compares recipes by config (minus the ``ignore`` fields,
+            which only say how the run is recorded), data and reprokit's code instead of by script;
+            ``resume`` is ``"auto"`` (relaunch = resume), ``"never"`` or ``"required"``;
+            ``ledger=False`` keeps the run out of the ledger; ``overrides=False`` ignores ``REPROKIT_*``.
     """
 
     def __init__(
@@ -101,62 +130,77 @@ class Run:
         threads: int | None = 1, deterministic: bool = True, digest_every: int = 1, trace_every: int = 0,
         checkpoint_every: int = 0, checkpoint_seconds: float = 0.0, keep_last: int = 3,
         async_save: bool = False, data: Any = None, force: bool = False, progress: bool | None = None,
+        steps: int | None = None, callbacks: Sequence[Callback] = (), faults: Faults = NO_FAULTS,
+        kind: str = "script", resume: str = "auto", ignore: Collection[str] = (), ledger: bool = True,
+        overrides: bool = True,
     ) -> None:
         started = time.perf_counter()
-        env = read_overrides()
+        env = read_overrides() if overrides else Overrides(progress=read_overrides().progress)
         for name, value, low in (("digest_every", digest_every, 0), ("trace_every", trace_every, 0),
                                  ("checkpoint_every", checkpoint_every, 0), ("keep_last", keep_last, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} {value!r} must be an int >= {low}")
-        digest_every = env.digest_every if env.digest_every is not None else digest_every
-        trace_every = env.trace_every if env.trace_every is not None else trace_every
-        checkpoint_every = env.checkpoint_every if env.checkpoint_every is not None else checkpoint_every
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ConfigError(f"steps {steps!r} must be an int >= 1, or None when the length is unknown")
+        digest_every = _pick(env.digest_every, digest_every)
+        trace_every = _pick(env.trace_every, trace_every)
+        checkpoint_every = _pick(env.checkpoint_every, checkpoint_every)
         path = env.run_dir or run_dir
         if path is None:
             raise ConfigError("Run needs a run directory: pass Run('runs/NAME', ...) or set REPROKIT_RUN_DIR")
         self.path = Path(path)
-        self.seed = env.seed if env.seed is not None else seed
-        threads = env.threads if env.threads is not None else threads
-        deterministic = env.deterministic if env.deterministic is not None else deterministic
+        self.seed = _pick(env.seed, seed)
         self._num_workers = env.num_workers
-        self._progress = env.progress if env.progress is not None else progress
+        self._progress = _pick(env.progress, progress)
         crash_save = env.crash_during_save
         if crash_save is not None and (not checkpoint_every or crash_save % checkpoint_every):
             raise ConfigError(f"REPROKIT_CRASH_DURING_SAVE={crash_save} is not a checkpoint step: "
                               f"checkpoints are saved every {checkpoint_every or 'no'} steps; pick a "
                               "multiple of checkpoint_every")
-        self.seeds = seed_everything(self.seed, deterministic=deterministic, threads=threads)
+        self.seeds = seed_everything(self.seed, deterministic=_pick(env.deterministic, deterministic),
+                                     threads=_pick(env.threads, threads))
         settings = {"digest_every": digest_every, "trace_every": trace_every,
                     "checkpoint_every": checkpoint_every, "checkpoint_seconds": checkpoint_seconds,
                     "keep_last": keep_last, "async_save": async_save}
+        self.config = config
         opened = open_run_dir(self.path, config_mapping(config), self.seeds, settings, env,
-                              force=bool(force or env.force))
+                              force=bool(force or env.force), kind=kind, resume=resume,
+                              ignore=frozenset(ignore), ledger=ledger)
         self._manifest, self._writer, self._ledger = opened.manifest, opened.writer, opened.ledger
         self._resumed: Resumed | None = opened.resumed
-        self._fresh = opened.fresh
+        self._force = bool(force or env.force)
+        self._record_ledger = ledger
+        self._ignore = frozenset(ignore)
+        self.resuming = not opened.fresh  # the directory held a run that this one continues
+        self._differences = opened.differences
+        self._skipped = opened.skipped
         self._extra_data = digest_data(data) if data is not None else None
-        self.digest_every, self.trace_every = digest_every, trace_every
+        self._described: dict[str, Any] = {}
+        self.digest_every, self.trace_every, self.steps = digest_every, trace_every, steps
         self.global_step = self._resumed.meta.step if self._resumed else 0
         self.epoch = self._resumed.meta.epoch if self._resumed else 0
-        self.resumed_from = self.global_step if self._resumed else None
-        # kill points fire in a run's first process only, so a relaunch gets past them
-        self._crash_at_step = env.crash_at_step if self._fresh else None
-        crash_save = crash_save if self._fresh else None
+        self.resumed_from = self.global_step if self.resuming else None
+        self.digests: dict[str, str] | None = None  # the last step's per-tensor digests, if taken
+        # kill points from the environment fire in a run's first process only, so a relaunch gets
+        # past them; explicit faults (a harness's) always do
+        self._crash_at_step = faults.crash_at_step or (env.crash_at_step if opened.fresh else None)
+        crash_save = faults.crash_during_save or (crash_save if opened.fresh else None)
         self._checkpointer = Checkpointer(self.path, every=checkpoint_every, seconds=checkpoint_seconds,
                                           keep=keep_last, background=async_save,
                                           crash_during_save=crash_save)
         self._tracked: dict[str, Any] = {}
         self._loaders: list[RunLoader] = []
-        self._tracer: Tracer | None = None
-        self._state: Any = None  # the TrainState the tracer sees
-        self._begun = self._pending = self._in_epochs = False
+        tracer = (Tracer(self.path, every=trace_every),) if trace_every else ()
+        self._callbacks: tuple[Callback, ...] = (*tracer, *callbacks)
+        self._state: Any = None  # the TrainState the callbacks see
+        self._begun = self._pending = self._in_epochs = self._init_pending = False
+        self._init_digests: dict[str, str] | None = None
         self._done = False
         self._stop: int | None = None
-        self._stepped = 0  # optimizer steps since the last run.step()
         self._last_logged: dict[str, float] = {}
-        self._started, self._setup_seconds = started, time.perf_counter() - started
+        self._started = started
+        self._latency: float | None = None
         self._bar: Any = None
-        self._total: int | None = None
         self._handlers = _install_signals(self._on_signal)
         atexit.register(self._at_exit)
 
@@ -176,7 +220,6 @@ class Run:
             self._tracked[name] = obj
             if isinstance(obj, torch.optim.Optimizer):
                 obj.register_step_pre_hook(self._before_update)
-                obj.register_step_post_hook(self._after_update)
 
     def loader(self, source: Any, *, digest: bool = True, **kwargs: Any) -> RunLoader:
         """A loader whose order and per-sample randomness are a function of (seed, epoch, index),
@@ -186,7 +229,7 @@ class Run:
             raise ReprokitError("run.loader() after the run began; create loaders before run.epochs()")
         dataset, batch_size, shuffle, drop_last, options = loader_arguments(source, kwargs)
         try:
-            content = digest_data(dataset) if digest else "not digested"
+            content = digest_data(dataset) if digest else None
         except DataError as e:
             raise DataError(f"{e}; or pass run.loader(..., digest=False) and Run(data=...) what it "
                             "reads") from e
@@ -196,25 +239,39 @@ class Run:
         self._loaders.append(loader)
         return loader
 
+    def describe(self, *, data: Mapping[str, Any] | None = None, parent: Mapping[str, Any] | None = None,
+                 factories: Mapping[str, Any] | None = None) -> None:
+        """Before the first step, what a client knows better than the loaders: the manifest's data
+        entry (a mapping with a ``digest``), the parent model a fine-tune starts from, the model and
+        dataset factories with their source digests."""
+        if self._begun:
+            raise ReprokitError("run.describe() after the run began; describe it before the first step")
+        self._described = {"data": data, "parent": parent, "factories": factories}
+
     # --- the loop ----------------------------------------------------------------------------
     def epochs(self, n: int, *, start: int = 0) -> Iterator[int]:
         """Epochs ``start .. start+n-1``; a resumed run starts at its saved epoch."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ConfigError(f"run.epochs({n!r}): pass the number of epochs, an int >= 0")
         self._begin()
-        if self._loaders:
-            self._total = n * len(self._loaders[0])
         self._in_epochs = True
         try:
-            while self.epoch < n:
+            while self.epoch < n and not self.at_end:
                 if self._pending and not self._resumed_mid_epoch():
                     self._restore_now()
                 yield self.epoch + start
+                if self.at_end:  # the step limit ended the epoch early: it is not over
+                    break
                 self.epoch += 1
                 if self._stop is not None and self.epoch < n:
                     self._stop_now()
         finally:
             self._in_epochs = False
+
+    @property
+    def at_end(self) -> bool:
+        """Whether the run took its ``steps`` (loaders yield nothing more then)."""
+        return self.steps is not None and self.global_step >= self.steps
 
     def step(self, loss: Any = None, **metrics: Any) -> None:
         """After each optimizer step: a metrics row, digests, trace, checkpoint when due, kill points."""
@@ -223,44 +280,55 @@ class Run:
         if self._pending:
             raise ReprokitError("run.step() came before the resumed epoch's loader was iterated; iterate "
                                 "the run.loader inside run.epochs() and call run.step() after each update")
+        if self._init_pending:
+            self._write_init({})
+        if self._latency is None:
+            self._latency = time.perf_counter() - self._started
         self.global_step += 1
         step = self.global_step
         if step == self._crash_at_step:
             kill_self()
         row: dict[str, Any] = {"step": step, "epoch": self.epoch, "kind": "step", "lr": self._lr(),
                                "loss": _number("loss", loss) if loss is not None else math.nan}
-        if metrics:
-            row["metrics"] = {k: _number(k, v) for k, v in metrics.items()}
-        digests = None
+        self._put_metrics(row, metrics)
+        self.digests = None
         if self.digest_every and step % self.digest_every == 0:
-            digests = state_digests(self._module_state())
-            row["digest"] = combine_digests(digests)
-        self._writer.step(_csv_row(row), digests)
-        if self._tracer is not None:
-            self._state.step, self._state.digests = step, digests
-            self._tracer.on_step_end(self._state)
-        if self._checkpointer.due(step):
+            self.digests = state_digests(self._module_state())
+            row["digest"] = combine_digests(self.digests)
+        self._files.step(_csv_row(row), self.digests)
+        self._state.step, self._state.digests = step, self.digests
+        for cb in self._callbacks:
+            cb.on_step_end(self._state)
+        if step != self.steps and self._checkpointer.due(step):
             self._checkpointer.save(self._snapshot)
         if self._bar is None:
-            self._bar = _progress_bar(self._progress, self._total, self.global_step - 1, self.path.name)
+            self._bar = _progress_bar(self._progress, self.steps, step - 1, self.path.name)
         self._bar.update()
-        self._stepped = 0
         if self._stop is not None:
             self._stop_now()
 
     def log(self, **metrics: Any) -> None:
-        """A row of metrics between steps (e.g. an epoch's validation accuracy)."""
-        values = {k: _number(k, v) for k, v in metrics.items()}
-        self._last_logged = values
-        self._writer.step(_csv_row({"step": self.global_step, "epoch": self.epoch, "kind": "log",
-                                    "metrics": values}), None)
+        """A row of metrics between steps (e.g. an epoch's validation accuracy); before the first
+        step, the metrics of the initial model (the step-0 row)."""
+        if not self._begun:
+            self._begin()
+        if self._init_pending:
+            self._write_init(metrics)
+            return
+        row = {"step": self.global_step, "epoch": self.epoch, "kind": "log"}
+        self._put_metrics(row, metrics)
+        self._last_logged = {k: _number(k, v) for k, v in metrics.items()}
+        self._files.step(_csv_row(row), None)
 
-    def finish(self, **metrics: Any) -> RunSummary:
-        """Write the final model (model.pt, model.safetensors), result.json and the ledger row."""
+    def finish(self, *, result: Mapping[str, Any] | None = None, **metrics: Any) -> RunSummary:
+        """Write the final model (model.pt, model.safetensors), result.json (with ``result``'s
+        entries added) and the ledger row."""
         if not self._begun:
             self._begin()
         if self._pending:  # resumed where nothing was left to iterate
             self._restore_now(in_loop=False)
+        if self._init_pending:
+            self._write_init({})
         self._checkpointer.finish()
         final = {k: v.detach().clone() for k, v in self._module_state().items()}
         final_digest = combine_digests(state_digests(final))
@@ -269,59 +337,130 @@ class Run:
         metric = values[name] if name is not None else math.nan
         summary = RunSummary(self.path, final_digest, name, metric, self.global_step,
                              time.perf_counter() - self._started, self.resumed_from)
-        if self._tracer is not None:
-            self._tracer.on_train_end(self._state)
-        self._writer.finish(final, {
+        for cb in self._callbacks:
+            cb.on_train_end(self._state)
+        self._files.finish(final, {
             "final_digest": final_digest, "final_metric": metric, "metric_name": name,
             "metrics": values, "steps": self.global_step, "seconds": round(summary.seconds, 3),
             "data_digest": self._manifest["data"]["digest"], "resumed_from_step": self.resumed_from,
+            **(result or {}),
         })
         if self._ledger is not None:
             self._ledger.ledger.finish(self._ledger.run_id, final_digest, metric if name else None)
         self._close("finished")
         return summary
 
+    @property
+    def resume_info(self) -> ResumeInfo | None:
+        """Where a relaunched run continued from and what it skipped; ``None`` for a new run."""
+        if not self.resuming:
+            return None
+        resumed = self._resumed
+        return ResumeInfo(resumed.checkpoint if resumed else None, self.resumed_from or 0,
+                          tuple(self._skipped), self._latency or 0.0, tuple(self._differences),
+                          bool(self._differences))
+
+    @property
+    def saved_steps(self) -> tuple[int, ...]:
+        """The steps this process committed a checkpoint at."""
+        return tuple(self._checkpointer.saved)
+
+    @property
+    def save_blocked_seconds(self) -> tuple[float, ...]:
+        """How long each save held up training."""
+        return tuple(self._checkpointer.blocked_seconds)
+
+    def close(self) -> None:
+        """Leave the run unfinished (resumable), its files closed: what an exception in the loop does."""
+        self._close("crashed")
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if error is not None:
+            self._close("crashed")
+
     # --- internals ---------------------------------------------------------------------------
+    def begin(self) -> None:
+        """Start the run now: settle a relaunch's checkpoint (``global_step`` is then where it goes
+        on from) and complete the manifest. It starts by itself at the first ``epochs()``, loader
+        ``iter()``, ``step()`` or ``log()``."""
+        self._begin()
+
     def _begin(self) -> None:
         if self._begun:
             return
         if not self._tracked:
             raise ReprokitError("nothing is tracked: call run.track(model=..., optimizer=...) before the "
                                 "first run.epochs()/run.step(), so checkpoints can hold them")
+        modules = list(self._tracked_modules().values())
         self._begun = True
-        sources = {f"loader{ld.index}": ld.digest for ld in self._loaders}
+        sources = {f"loader{ld.index}": ld.digest for ld in self._loaders if ld.digest is not None}
         if self._extra_data is not None:
             sources["data"] = self._extra_data
-        self._tracked_modules()  # refuses a tracked set without a module now, not at the first digest
-        modules = [o for o in self._tracked.values() if isinstance(o, nn.Module)]
-        if self.trace_every:
-            self._tracer = Tracer(self.path, every=self.trace_every)
-        self._state = TrainState(self._manifest["config"], modules[0], self._first_optimizer(), None, 0)
-        if self._resumed is None:
-            self._manifest = self._writer_begin(sources)
-            initial = state_digests(self._module_state())  # step 0: the initial parameters
-            self._writer.step(_csv_row({"step": 0, "epoch": 0, "kind": "init"}), initial)
-            if self._tracer is not None:
-                self._tracer.on_train_start(self._state)
+        self._state = TrainState(self.config, modules[0], self._first_optimizer(), None, self.steps or 0)
+        if self.resuming:
+            self._differences += begin_differences(self.path, self._manifest, sources, self._described,
+                                                   force=self._force)
+            self._resumed, self._writer = settle(
+                self.path, self._resumed, architecture(self._module_state()), ignore=self._ignore,
+                differences=self._differences, skipped=self._skipped, threads=self.seeds.threads)
+        if self._resumed is None:  # a new run, or a relaunch with no checkpoint that fits: step 0
+            self.global_step = self.epoch = 0
+            assert self._writer is not None
+            if self.resuming:  # the manifest as on disk now: its resumes log included
+                self._manifest = read_json(self.path, MANIFEST)
+            if not self.resuming or self._manifest["data"].get("digest") is None:
+                self._manifest = record_begin(self._writer, self._manifest, sources,
+                                              {n: type(o).__name__ for n, o in self._tracked.items()},
+                                              self._described)
+            if not self.resuming and self._record_ledger:
+                self._ledger = LedgerEntry.open(self.path, self._manifest)
+            # the step-0 row: θ_0's digests now, written with the initial model's metrics if a
+            # run.log() comes before the first step
+            self._init_pending = True
+            self._init_digests = state_digests(self._module_state()) if self.digest_every else None
+            for cb in self._callbacks:
+                cb.on_train_start(self._state)
             return
-        self._resumed.check_begin(self, sources)
+        self._resumed.check_names(list(self._tracked))
+        self.global_step, self.epoch = self._resumed.meta.step, self._resumed.meta.epoch
+        self.resumed_from = self.global_step
         self._pending = True
         for ld in self._loaders:
             saved = self._resumed.state[POSITION_KEY]["loaders"].get(str(ld.index))
             if saved is not None:
                 ld.load_state(saved)
 
-    def _writer_begin(self, sources: dict[str, str]) -> dict[str, Any]:
-        return record_begin(self._writer, self._manifest, sources,
-                            {n: type(o).__name__ for n, o in self._tracked.items()})
+    def _write_init(self, metrics: Mapping[str, Any]) -> None:
+        self._init_pending = False
+        row: dict[str, Any] = {"step": 0, "epoch": 0, "kind": "init", "lr": self._lr()}
+        self._put_metrics(row, metrics)
+        self.digests = self._init_digests
+        if self.digests is not None:
+            row["digest"] = combine_digests(self.digests)
+        self._files.step(_csv_row(row), self.digests)
+
+    def _put_metrics(self, row: dict[str, Any], metrics: Mapping[str, Any]) -> None:
+        """The columns metrics.csv has (val_loss, ...) go there, the rest into its ``metrics`` JSON."""
+        own = {}
+        for key, value in metrics.items():
+            if key in _COLUMNS:
+                row[key] = _number(key, value)
+            else:
+                own[key] = _number(key, value)
+        if own:
+            row["metrics"] = own
 
     def _resumed_mid_epoch(self) -> bool:
         assert self._resumed is not None
         return any(s["active"] for s in self._resumed.state[POSITION_KEY]["loaders"].values())
 
     def _restore_now(self, *, in_loop: bool = True) -> None:
-        """Put back the tracked objects, every RNG and the tracer: called when the resumed epoch's
-        loader iterator exists (or at the epoch's start when no loader was mid-pass)."""
+        """Put back the tracked objects, every RNG and the callbacks' state: called when the
+        resumed epoch's loader iterator exists (or at the epoch's start when no loader was mid-pass)."""
         if not self._pending:
             return
         assert self._resumed is not None
@@ -339,11 +478,18 @@ class Run:
                 # what the uninterrupted process has: an LR scheduler then does not warn that it
                 # stepped before the optimizer (torch/optim/lr_scheduler.py)
                 obj._opt_called = True  # type: ignore[attr-defined]
-        if self._tracer is not None:
-            self._tracer.load_state_dict(saved.get(CALLBACKS_KEY, {}).get(_TRACER_KEY))
-            self._state.step = self.global_step
-            self._tracer.on_train_start(self._state)
+        states = saved.get(CALLBACKS_KEY, {})
+        self._state.step = self.global_step
+        for key, cb in zip(callback_keys(self._callbacks), self._callbacks, strict=True):
+            cb.load_state_dict(states.get(key))
+            cb.on_train_start(self._state)
         self._pending = False
+
+    @property
+    def _files(self) -> RunWriter:
+        """The run directory's writer (a relaunch opens it when it begins, at its checkpoint)."""
+        assert self._writer is not None, "the run has not begun"
+        return self._writer
 
     def _module_state(self) -> dict[str, torch.Tensor]:
         modules = self._tracked_modules()
@@ -367,20 +513,21 @@ class Run:
     def _snapshot(self) -> Snapshot:
         modules = self._tracked_modules()
         active = [ld for ld in self._loaders if ld.active]
+        keys = callback_keys(self._callbacks)
         state: dict[str, Any] = {
             MODEL_KEY: self._module_state(),
             TRACKED_KEY: {n: o.state_dict() for n, o in self._tracked.items()
                           if not isinstance(o, nn.Module)},
             RNG_KEY: capture_rng_state().to_dict(),
-            CALLBACKS_KEY: {_TRACER_KEY: self._tracer.state_dict()} if self._tracer is not None else {},
+            CALLBACKS_KEY: dict(zip(keys, [cb.state_dict() for cb in self._callbacks], strict=True)),
             POSITION_KEY: {"loaders": {str(ld.index): ld.state() for ld in self._loaders},
                            "modules": list(modules), "tracked": list(self._tracked)},
         }
         meta = CheckpointMeta(
             step=self.global_step, epoch=self.epoch, batch=active[0].batch if active else 0,
             config=self._manifest["config"], data_digest=str(self._manifest["data"]["digest"]),
-            code_version=str(self._manifest["fingerprint"]), manifest_digest=self._writer.manifest_digest(),
-            run_files=self._writer.sync(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            code_version=str(self._manifest["fingerprint"]), manifest_digest=self._files.manifest_digest(),
+            run_files=self._files.sync(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         unchanged = [*(p for m in modules.values() for p in m.parameters()),
                      *(t for o in self._tracked.values() if isinstance(o, torch.optim.Optimizer)
@@ -389,9 +536,6 @@ class Run:
 
     def _before_update(self, *_: Any) -> None:
         self._checkpointer.before_update()  # an async save may still be copying the weights
-
-    def _after_update(self, *_: Any) -> None:
-        self._stepped += 1
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self._stop is not None or self._done:  # a second Ctrl-C: the usual KeyboardInterrupt
@@ -421,7 +565,10 @@ class Run:
         self._done = True
         if self._bar is not None:
             self._bar.close()
-        self._writer.close()
+        with contextlib.suppress(Exception):  # a failing save must not hide the error that stopped the run
+            self._checkpointer.wait()
+        if self._writer is not None:
+            self._writer.close()
         if status != "finished" and self._ledger is not None:
             self._ledger.ledger.mark(self._ledger.run_id, status)
         for signum, handler in self._handlers.items():
@@ -432,6 +579,10 @@ class Run:
         """A script that raised (or returned without finish()) leaves the run crashed, resumable."""
         with contextlib.suppress(Exception):  # exiting anyway; the run directory is consistent
             self._close("crashed")
+
+
+def _pick(override: Any, value: Any) -> Any:
+    return override if override is not None else value
 
 
 def _install_signals(handler: Any) -> dict[int, Any]:
@@ -462,6 +613,6 @@ def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _progress_bar(progress: bool | None, total: int | None, initial: int, name: str) -> Any:
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # tqdm.auto looks for ipywidgets: only once a bar is wanted
 
     return tqdm(total=total, initial=initial, disable=progress is False, leave=False, desc=name)

@@ -196,10 +196,10 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
 
 
 def step_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows of optimizer steps only (a script run's metrics.csv also holds log and init rows)."""
+    """One row per step, 0..N: the initial model's and the optimizer steps' (not the ``run.log`` rows)."""
     if "kind" not in frame:
         return frame
-    return frame[frame["kind"].isna() | (frame["kind"] == "step")].reset_index(drop=True)
+    return frame[frame["kind"].isna() | frame["kind"].isin(["step", "init"])].reset_index(drop=True)
 
 
 def read_digests(run_dir: str | Path) -> list[tuple[int, dict[str, str]]]:

@@ -34,6 +34,7 @@ from torch.utils.data import (
     Sampler,
     SequentialSampler,
     TensorDataset,
+    default_collate,
     get_worker_info,
 )
 
@@ -66,8 +67,10 @@ class _SeededDataset(Dataset[Any]):
 
     def __init__(self, dataset: Dataset[Any]) -> None:
         self.dataset = dataset
-        # a TensorDataset's __getitem__ draws no randomness: nothing to seed, nothing to put back
+        # a TensorDataset's __getitem__ draws no randomness: nothing to seed, nothing to put back;
+        # with the default collate its batch is one gather per tensor (``gather``), not a stack
         self._plain = type(dataset) is TensorDataset
+        self.gather = False
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -76,6 +79,10 @@ class _SeededDataset(Dataset[Any]):
         return self.__getitems__([key])[0]
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
+        if self.gather:
+            assert isinstance(self.dataset, TensorDataset)
+            index = torch.tensor([i for _, i in keys])
+            return [[t[index] for t in self.dataset.tensors]]  # what default_collate would stack
         if self._plain:
             return [self.dataset[index] for _, index in keys]
         if get_worker_info() is not None:  # a worker's RNGs serve nothing but these fetches
@@ -98,6 +105,11 @@ class _SeededDataset(Dataset[Any]):
             np.random.seed(seed)
             out.append(dataset[index])
         return out
+
+
+def _collated(batch: list[Any]) -> Any:
+    """The collate function of a gathered TensorDataset batch: it is collated already."""
+    return batch[0]
 
 
 class _PassSampler(Sampler[list[tuple[int, int]]]):
@@ -132,14 +144,17 @@ class RunLoader:
     """
 
     def __init__(self, owner: Any, index: int, dataset: Dataset[Any], *, batch_size: int, shuffle: bool,
-                 drop_last: bool, options: dict[str, Any], digest: str) -> None:
+                 drop_last: bool, options: dict[str, Any], digest: str | None) -> None:
         self._owner, self.index, self.digest = owner, index, digest
         self.dataset, self.batch_size, self.shuffle, self.drop_last = dataset, batch_size, shuffle, drop_last
         self.num_workers = int(options.get("num_workers", 0))
         self._sampler = _PassSampler(len(dataset), batch_size, shuffle, drop_last)  # type: ignore[arg-type]
         self._generator = torch.Generator()  # DataLoader draws its workers' base seed from it
+        seeded = _SeededDataset(dataset)
+        if type(dataset) is TensorDataset and options.get("collate_fn") in (None, default_collate):
+            seeded.gather, options = True, {**options, "collate_fn": _collated}
         self._loader: DataLoader[Any] = DataLoader(
-            _SeededDataset(dataset), batch_sampler=self._sampler, generator=self._generator, **options)
+            seeded, batch_sampler=self._sampler, generator=self._generator, **options)
         # position: the epoch and pass of the latest iteration, and batches it has yielded
         self.epoch, self.passes, self.batch, self.active = -1, 0, 0, False
         self._resume_at: tuple[int, int, int] | None = None  # (epoch, pass, batch) of a resumed run
@@ -189,6 +204,8 @@ class RunLoader:
 
     def _batches(self, iterator: Iterator[Any]) -> Iterator[Any]:
         for batch in iterator:
+            if self._owner.at_end:  # the run took its steps (Run(steps=...)): the epoch ends here
+                break
             self.batch += 1
             yield batch
         self.active = False

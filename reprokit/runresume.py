@@ -14,7 +14,7 @@ import enum
 import json
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,21 +24,30 @@ import xxhash
 from torch import nn
 
 from reprokit.checkpoint import (
+    CHECKPOINTS,
     RNG_KEY,
     CheckpointError,
     CheckpointMeta,
-    architecture,
+    check_compatible,
     clean_temporaries,
     list_checkpoints,
     read_checkpoint,
 )
+from reprokit.differences import config_differences
 from reprokit.digests import model_digest
 from reprokit.entrypoint import code_root, entry_point
 from reprokit.errors import ConfigError, ReprokitError
 from reprokit.ledger import LedgerEntry
 from reprokit.overrides import Overrides
-from reprokit.provenance import code_state, fingerprint, recipe_differences, save_code_diff, script_manifest
-from reprokit.rundir import MANIFEST, RESULT, RunWriter, append_resume, read_json
+from reprokit.provenance import (
+    check_parent,
+    code_state,
+    fingerprint,
+    recipe_differences,
+    save_code_diff,
+    script_manifest,
+)
+from reprokit.rundir import MANIFEST, RESULT, RunDirError, RunWriter, append_resume, read_json
 from reprokit.seeding import SeedRecord
 
 TRACKED_KEY = "tracked"  # state.pt: the tracked objects that are not modules, by name
@@ -68,97 +77,182 @@ class Resumed:
     stored: dict[str, Any]  # the manifest as first written
     force: bool
 
-    def check_begin(self, run: Any, sources: Mapping[str, str]) -> None:
-        """Before the first resumed step: the same data and the same tracked names and shapes."""
-        recorded = (self.stored.get("data") or {}).get("sources") or {}
-        if recorded and dict(recorded) != dict(sources):
-            diffs = [f"{k}: {recorded.get(k)} -> {sources.get(k)}" for k in sorted({*recorded, *sources})
-                     if recorded.get(k) != sources.get(k)]
-            if not self.force:
-                raise ResumeRefused(f"resuming {str(run.path)!r}: the data changed ({'; '.join(diffs)}); "
-                                    "restore the data, or pass force=True (REPROKIT_FORCE=1) to resume "
-                                    "anyway")
-            append_resume(run.path, {"at": _now(), "forced": True, "differences": diffs})
-        saved_names = list(self.state["position"]["tracked"])
-        missing = [n for n in saved_names if n not in run._tracked]
-        extra = [n for n in run._tracked if n not in saved_names]
+    def check_names(self, tracked: Collection[str]) -> None:
+        """The relaunch tracks the objects the checkpoint holds, by name: a missing or extra one
+        is an error naming it, never skipped."""
+        saved_names = list(self.state[POSITION_KEY]["tracked"])
+        missing = [n for n in saved_names if n not in tracked]
+        extra = [n for n in tracked if n not in saved_names]
         if missing or extra:
             raise ResumeRefused(
                 f"{self.checkpoint} holds tracked objects {saved_names}, this run tracks "
-                f"{list(run._tracked)}: " + "; ".join(
+                f"{list(tracked)}: " + "; ".join(
                     [*(f"{n!r} is not tracked now" for n in missing),
                      *(f"{n!r} is not in the checkpoint" for n in extra)])
                 + "; track the same objects under the same names as the run that wrote it")
-        have = architecture(run._module_state())
-        if have != self.meta.architecture:
-            recorded_arch = self.meta.architecture
-            names = sorted(n for n in {*have, *recorded_arch} if have.get(n) != recorded_arch.get(n))
-            shown = ", ".join(f"{n} (checkpoint {self.meta.architecture.get(n)}, model {have.get(n)})"
-                              for n in names[:3])
-            raise ResumeRefused(f"{self.checkpoint}: the tracked model differs from the one the checkpoint "
-                                f"holds in {len(names)} tensor(s): {shown}")
+
+
+def begin_differences(path: Path, stored: Mapping[str, Any], sources: Mapping[str, str],
+                      described: Mapping[str, Any], *, force: bool) -> list[str]:
+    """What changed since the run started that is known only when its data is (the data digests,
+    the code of a built-in run's model/dataset factories); refused unless ``force``."""
+    diffs = []
+    recorded = (stored.get("data") or {}).get("sources") or {}
+    if recorded and dict(recorded) != dict(sources):
+        diffs += [f"data {k}: {recorded.get(k)} -> {sources.get(k)}" for k in sorted({*recorded, *sources})
+                  if recorded.get(k) != sources.get(k)]
+    data = described.get("data")
+    if data is not None and (stored.get("data") or {}).get("digest") != data.get("digest"):
+        diffs.append(f"data digest: {(stored.get('data') or {}).get('digest')} -> {data.get('digest')}")
+    then = {k: v.get("source_digest") for k, v in ((stored.get("code") or {}).get("factories") or {}).items()}
+    now = {k: v.get("source_digest") for k, v in (described.get("factories") or {}).items()}
+    if then != now:
+        diffs.append(f"the model/dataset factory's code version: {then} -> {now}")
+    if diffs and not force:
+        raise ResumeRefused(f"resuming {str(path)!r} would change what the run computes: {'; '.join(diffs)}; "
+                            "undo the change, or pass force=True (--force, REPROKIT_FORCE=1) to resume "
+                            "anyway and have it recorded")
+    return diffs
 
 
 @dataclass
 class Opened:
     manifest: dict[str, Any]
-    writer: RunWriter
+    writer: RunWriter | None  # None for a relaunch until settle() picks its checkpoint
     ledger: LedgerEntry | None
     resumed: Resumed | None
     fresh: bool  # a new run (not a relaunch)
+    differences: list[str]  # recipe changes accepted with force
+    skipped: list[tuple[str, str]]  # checkpoints that did not verify, and why
+
+
+KINDS = ("script", "builtin")
+RESUME_POLICIES = ("auto", "never", "required")
 
 
 def open_run_dir(path: Path, config: dict[str, Any], seeds: SeedRecord, settings: dict[str, Any],
-                 env: Overrides, *, force: bool) -> Opened:
-    """Start a new run in ``path``, or continue (or refuse) the one it holds."""
+                 env: Overrides, *, force: bool, kind: str = "script", resume: str = "auto",
+                 ignore: frozenset[str] = frozenset(), ledger: bool = True) -> Opened:
+    """Start a new run in ``path``, or continue (or refuse) the one it holds.
+
+    ``kind="script"`` identifies a run by the user's script and checkout; ``"builtin"`` (reprokit's
+    own trainer) by its config without the ``ignore`` fields and reprokit's code. ``resume``:
+    ``"auto"`` continues an unfinished run and exits 0 on a finished one, ``"never"`` refuses a
+    directory that holds a run, ``"required"`` refuses one that holds none.
+    """
+    if kind not in KINDS or resume not in RESUME_POLICIES:
+        raise ConfigError(f"kind {kind!r} / resume {resume!r}: pass one of {KINDS} / {RESUME_POLICIES}")
     entry = entry_point()
-    code = code_state(code_root(entry))
+    code = code_state(code_root(entry)) if kind == "script" else code_state()
     new = script_manifest(config, seeds, code=code, entry=entry.to_dict(), settings=settings,
-                          overrides=env.to_dict())
+                          overrides=env.to_dict(), kind=kind, recording=ignore)
     if not (path / MANIFEST).is_file():
+        if resume == "required":
+            raise ResumeRefused(f"{str(path)!r} holds no run to resume (no {MANIFEST}); train it first")
         writer = RunWriter(path, new)
         save_code_diff(path, code)
-        return Opened(new, writer, LedgerEntry.open(path, new), None, fresh=True)
+        # the ledger row is started when the run begins, with the data and the parent known
+        return Opened(new, writer, None, None, fresh=True, differences=[], skipped=[])
+    if resume == "never":
+        raise RunDirError(f"run directory {str(path)!r} already holds a run (it has {MANIFEST}); pass a new "
+                          "--run-dir, delete the old one, or `reprokit resume` it")
     stored = read_json(path, MANIFEST)
     if (path / RESULT).is_file():
+        if resume == "required":
+            raise ResumeRefused(f"run {str(path)!r} already finished ({RESULT} exists); nothing to resume")
         result = read_json(path, RESULT)
         message = (f"reprokit: run {str(path)!r} already finished (final digest "
                    f"{result.get('final_digest')}); nothing to do. Pass a new run directory to train again.")
         print(message, file=sys.stderr, flush=True)
         raise RunFinished(message)
-    if stored.get("kind") != "script":
-        raise ResumeRefused(f"{str(path)!r} holds a run of reprokit's built-in trainer, not of a script; "
-                            "continue it with `reprokit resume`, or pass a new run directory")
-    diffs = recipe_differences(stored, new)
+    if stored.get("kind", "builtin") != kind:
+        raise ResumeRefused(f"{str(path)!r} holds a run of {stored.get('kind', 'builtin')!r} kind, not of "
+                            f"{kind!r}; continue it the way it was started, or pass a new run directory")
+    diffs = recipe_differences(stored, new) if kind == "script" else builtin_differences(stored, new, ignore)
+    if diffs and not force and kind == "builtin":
+        raise ResumeRefused(
+            f"resuming {str(path)!r} would change what the run computes: {'; '.join(diffs)}; undo the "
+            "change, or pass force=True (--force) to resume anyway and have it recorded")
     if diffs and not force:
         raise ResumeRefused(
             f"{str(path)!r} holds an unfinished run of another recipe: {'; '.join(diffs)}; undo the change, "
             "pass a new run directory, or pass force=True (REPROKIT_FORCE=1) to resume anyway (recorded)")
     clean_temporaries(path)
-    chosen, skipped = _newest_valid(path)
-    writer = RunWriter(path, stored, truncate_to=chosen[0].run_files if chosen else {})
+    chosen, skipped = newest_valid(path, config=stored["config"], ignore=ignore)
+    entry_row = LedgerEntry.open(path, stored, resumed=True) if ledger else None
+    resumed = Resumed(chosen[0], chosen[1], chosen[2], skipped, stored, force) if chosen else None
+    # the writer cuts the run's files back to the checkpoint's sizes: once the checkpoint is settled
+    # (a checkpoint of another architecture is passed over when the model is known, at begin)
+    return Opened(stored, None, entry_row, resumed, fresh=False, differences=diffs, skipped=skipped)
+
+
+def fitting(path: Path, chosen: _Chosen | None, architecture: Mapping[str, Any], *, config: Mapping[str, Any],
+            ignore: frozenset[str], skipped: list[tuple[str, str]]) -> _Chosen | None:
+    """``chosen`` or the newest older checkpoint whose model has ``architecture`` (name -> [dtype,
+    shape]); what is passed over goes to ``skipped``."""
+    while chosen is not None:
+        try:
+            check_compatible(chosen[0], path / CHECKPOINTS / chosen[2], config=config,
+                             model_state=None, layout=architecture, ignore=ignore)
+            return chosen
+        except CheckpointError as e:
+            skipped.append((chosen[2], str(e)))
+        chosen, more = newest_valid(path, below=chosen[0].step, config=config, ignore=ignore)
+        skipped.extend(more)
+    return None
+
+
+def settle(path: Path, resumed: Resumed | None, architecture: Mapping[str, Any], *, ignore: frozenset[str],
+           differences: list[str], skipped: list[tuple[str, str]], threads: int
+           ) -> tuple[Resumed | None, RunWriter]:
+    """The checkpoint a relaunch continues from, now that the model is known: the newest that
+    verifies and fits its architecture (or none: start over). Opens the writer there and logs the
+    resume in the manifest."""
+    stored = resumed.stored if resumed is not None else read_json(path, MANIFEST)
+    if resumed is not None:
+        first = (resumed.meta, resumed.state, resumed.checkpoint)
+        chosen = fitting(path, first, architecture, config=stored["config"], ignore=ignore, skipped=skipped)
+        resumed = Resumed(chosen[0], chosen[1], chosen[2], skipped, stored, resumed.force) if chosen else None
+    writer = RunWriter(path, stored, truncate_to=resumed.meta.run_files if resumed else {})
     append_resume(path, {
-        "at": _now(), "checkpoint": chosen[2] if chosen else None,
-        "from_step": chosen[0].step if chosen else 0, "skipped": [list(s) for s in skipped],
-        "forced": bool(diffs), "differences": diffs, "threads": seeds.threads,
+        "at": _now(), "checkpoint": resumed.checkpoint if resumed else None,
+        "from_step": resumed.meta.step if resumed else 0, "skipped": [list(s) for s in skipped],
+        "forced": bool(differences), "differences": differences, "threads": threads,
     })
     for name, why in skipped:
         print(f"reprokit: skipped {name}: {why}", file=sys.stderr, flush=True)
-    where = f"{chosen[2]} (step {chosen[0].step})" if chosen else "step 0 (no checkpoint verifies)"
+    where = f"{resumed.checkpoint} (step {resumed.meta.step})" if resumed else "step 0 (no checkpoint fits)"
     print(f"reprokit: resuming {str(path)!r} from {where}", file=sys.stderr, flush=True)
-    ledger = LedgerEntry.open(path, stored, resumed=True)
-    resumed = Resumed(chosen[0], chosen[1], chosen[2], skipped, stored, force) if chosen else None
-    return Opened(stored, writer, ledger, resumed, fresh=False)
+    return resumed, writer
+
+
+def builtin_differences(
+    stored: Mapping[str, Any], new: Mapping[str, Any], ignore: frozenset[str]
+) -> list[str]:
+    """A built-in run's recipe changes: config fields (not how the run is recorded) and reprokit's code."""
+    diffs = config_differences(stored.get("config") or {}, new.get("config") or {}, ignore=ignore)
+    then = (stored.get("code") or {}).get("reprokit_source")
+    now = (new.get("code") or {}).get("reprokit_source")
+    if then != now:
+        diffs.append(f"reprokit code version: {then} -> {now}")
+    return diffs
 
 
 _Chosen = tuple[CheckpointMeta, dict[str, Any], str]  # meta, state, checkpoint name
 
 
-def _newest_valid(path: Path) -> tuple[_Chosen | None, list[tuple[str, str]]]:
+def newest_valid(path: Path, *, below: int | None = None, config: Mapping[str, Any] | None = None,
+                 ignore: frozenset[str] = frozenset()) -> tuple[_Chosen | None, list[tuple[str, str]]]:
+    """The newest checkpoint (older than step ``below``) that verifies, was written by a Run and,
+    with ``config``, for that config (the ``ignore`` fields aside), and the ones passed over with why."""
     skipped: list[tuple[str, str]] = []
     for ckpt in list_checkpoints(path):
+        if below is not None and int(ckpt.name.split("-")[-1]) >= below:
+            continue
         try:
             meta, state = read_checkpoint(ckpt)
+            if config is not None:
+                check_compatible(meta, ckpt, config=config, model_state=None, ignore=ignore)
         except CheckpointError as e:
             skipped.append((ckpt.name, str(e)))
             continue
@@ -170,13 +264,19 @@ def _newest_valid(path: Path) -> tuple[_Chosen | None, list[tuple[str, str]]]:
 
 
 def record_begin(writer: RunWriter, manifest: dict[str, Any], sources: dict[str, str],
-                 tracked: dict[str, str]) -> dict[str, Any]:
-    """The manifest completed before the first step: data digests, tracked objects, fingerprint."""
+                 tracked: dict[str, str], described: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest completed before the first step: data digests (or the data entry a client
+    described), the parent, the factories, the tracked objects and the fingerprint."""
     h = xxhash.xxh3_128()
     for key in sorted(sources):
         h.update(f"{key}={sources[key]}\n".encode())
-    manifest = {**manifest, "data": {"digest": h.hexdigest() if sources else None, "sources": sources},
-                "tracked": tracked}
+    data = described.get("data")
+    data = dict(data) if data is not None else {"digest": h.hexdigest() if sources else None}
+    data["sources"] = sources
+    manifest = {**manifest, "data": data, "tracked": tracked,
+                "lineage": {"parent": check_parent(described.get("parent"))}}
+    if described.get("factories"):
+        manifest["code"] = {**manifest["code"], "factories": dict(described["factories"])}
     manifest["fingerprint"] = fingerprint(manifest)
     writer.rewrite_manifest(manifest)
     return manifest

@@ -1,15 +1,19 @@
-"""Training: ``train(config) -> RunResult``, one straight loop with callbacks.
+"""Training: ``train(config) -> RunResult``, the built-in trainer, a client of :class:`reprokit.Run`.
 
-build (seed, data, model, optimizer, loader) -> loop over steps -> evaluate -> write the result.
-Per-step work is kept small: a loss ``.item()``, a CSV row and, every ``digest_every`` steps,
-one xxh3 digest per tensor. ``reprokit.resumer`` rebuilds the same session from a checkpoint and
-re-enters the same loop.
+load the data -> Run (seeds, manifest, relaunch = resume) -> build model, optimizer, scheduler ->
+the loop a user could copy -> evaluate -> finish. Everything a run records, checkpoints and
+restores is Run's; this module only says what to train. ``reprokit.resume`` calls the same
+``train`` on the run directory with ``resume="required"``.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,47 +22,26 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from torch.utils.data import TensorDataset
 
-from reprokit.callbacks import Callback, TrainState, callback_keys
-from reprokit.checkpoint import (
-    CALLBACKS_KEY,
-    MODEL_KEY,
-    OPTIMIZER_KEY,
-    RNG_KEY,
-    SCHEDULER_KEY,
-    CheckpointMeta,
-    Snapshot,
-)
-from reprokit.checkpointer import Checkpointer, update_only
-from reprokit.config import TrainConfig
-from reprokit.data import DatasetBundle, EpochBatchSampler, batches_per_epoch, load_dataset, make_loader
-from reprokit.digests import combine_digests, source_digest, state_digests
+from reprokit.callbacks import Callback
+from reprokit.checkpoint import verify_run
+from reprokit.config import RECORDING_FIELDS, TrainConfig
+from reprokit.data import DatasetBundle, batches_per_epoch, load_dataset, worker_context
 from reprokit.errors import ConfigError
-from reprokit.factories import code_version, factory_digests
-from reprokit.faults import NO_FAULTS, Faults, kill_self
-from reprokit.finetuning import finetune_callbacks, prepare
-from reprokit.ledger import LedgerEntry
+from reprokit.factories import factory_digests
+from reprokit.faults import NO_FAULTS, Faults
+from reprokit.finetuning import finetune_callbacks, prepare, verify_parent
 from reprokit.models import build_model, build_optimizer, build_scheduler
-from reprokit.provenance import build_manifest, code_state, save_code_diff
-from reprokit.rundir import RunWriter
-from reprokit.seeding import SeedRecord, capture_rng_state, seed_everything
-from reprokit.trace import Tracer
+from reprokit.provenance import data_entry
+from reprokit.run import ResumeInfo, Run
+from reprokit.rundir import MANIFEST, read_digests, read_json, read_metrics
+from reprokit.seeding import SeedRecord, seed_everything
 
 EVAL_BATCH = 512  # validation batch size: evaluation has no gradient, so a large batch is cheap
+_ROW_COLUMNS = ("step", "epoch", "loss", "lr", "digest", "val_loss", "val_metric")
 
-
-@dataclass(frozen=True)
-class ResumeInfo:
-    """How a resumed run got going again."""
-
-    checkpoint: str | None  # the checkpoint it continued from; None = restarted from step 0
-    from_step: int
-    skipped: tuple[tuple[str, str], ...]  # (checkpoint, why it was not used), newest first
-    latency_seconds: float  # from the resume call to the first step: verify, load, restore
-    differences: tuple[str, ...]  # environment/config changes accepted with force
-    forced: bool
+__all__ = ["ResumeInfo", "RunResult", "Session", "build_session", "finetune", "pretrain", "train"]
 
 
 @dataclass
@@ -91,62 +74,64 @@ class RunResult:
         """One row per step: step, epoch, loss, lr, digest, val_loss, val_metric."""
         return pd.DataFrame(self.rows)
 
-    def summary(self) -> dict[str, Any]:
-        """The content of result.json."""
-        return {
-            "final_digest": self.final_digest,
-            "final_metric": self.final_metric,
-            "metric_name": self.metric_name,
-            "final_val_loss": self.final_val_loss,
-            "steps": self.steps,
-            "seconds": round(self.seconds, 3),
-            "data_digest": self.data_digest,
-            "resumed_from_step": self.resume.from_step if self.resume else None,
-        }
-
 
 @dataclass
 class Session:
-    """The built objects of one run: what a checkpoint saves and a resume rebuilds."""
+    """The built objects of one run, in the order they are built (the model's initial weights
+    come from the global RNG right after seeding; a fine-tune then loads its parent over all but
+    the head)."""
 
     config: TrainConfig
-    seeds: SeedRecord
     data: DatasetBundle
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
-    loader: DataLoader[tuple[torch.Tensor, torch.Tensor]]
-    sampler: EpochBatchSampler
     total_steps: int
     parent: dict[str, Any] | None = None  # the manifest's lineage entry of a fine-tune (reprokit.finetuning)
 
-    def generators(self) -> dict[str, torch.Generator]:
-        """The torch.Generators in use besides the global one."""
-        gen = self.loader.generator
-        return {"loader": gen} if gen is not None else {}
 
-
-def build_session(config: TrainConfig) -> Session:
-    """Seed, load the data and build model, optimizer, scheduler and loader, in a fixed order
-    (the model's initial weights come from the global RNG right after seeding; a fine-tune then
-    loads its parent over all but the head)."""
-    seeds = seed_everything(config.seed, deterministic=config.deterministic, threads=config.threads)
-    data = load_dataset(config.dataset, split_seed=config.split_seed, val_fraction=config.val_fraction,
-                        train_limit=config.train_limit)
+def total_steps(config: TrainConfig, data: DatasetBundle) -> int:
+    """Optimizer steps of the run: ``steps``, else whole epochs of ``batch_size`` batches."""
     per_epoch = batches_per_epoch(len(data.x_train), config.batch_size)
-    total = config.steps if config.steps is not None else config.epochs * per_epoch
+    return config.steps if config.steps is not None else config.epochs * per_epoch
+
+
+def build(config: TrainConfig, data: DatasetBundle) -> Session:
+    """Model, optimizer and scheduler for ``config`` on ``data``, from the global RNG as it is."""
+    total = total_steps(config, data)
     model = build_model(config.model, data.input_shape, data.num_outputs)
     params, parent = prepare(config, model, total)
     optimizer = build_optimizer(config.optimizer, params, lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    loader = make_loader(
-        data.x_train, data.y_train,
-        batch_size=config.batch_size, seed=config.seed, num_workers=config.num_workers,
-    )
-    sampler = loader.sampler
-    assert isinstance(sampler, EpochBatchSampler)
     scheduler = build_scheduler(config.lr_schedule, optimizer, total)
-    return Session(config, seeds, data, model, optimizer, scheduler, loader, sampler, total, parent)
+    return Session(config, data, model, optimizer, scheduler, total, parent)
+
+
+def build_session(config: TrainConfig) -> Session:
+    """Seed, load the data and build what :func:`train` trains, outside a run (for inspection)."""
+    seed_everything(config.seed, deterministic=config.deterministic, threads=config.threads)
+    return build(config, load_data(config))
+
+
+def reference_state(config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The state_dict layout ``config``'s model has (weights are irrelevant: only shapes count);
+    the global RNG is left as it was."""
+    data = load_dataset(config.dataset, split_seed=config.split_seed, val_fraction=config.val_fraction)
+    with torch.random.fork_rng(devices=[]):  # building a model draws from the global RNG
+        return build_model(config.model, data.input_shape, data.num_outputs).state_dict()
+
+
+def verify_builtin(run_dir: str | Path) -> pd.DataFrame:
+    """:func:`reprokit.verify_run` of a built-in run: its checkpoints' integrity, and that each was
+    written for the run's config and the architecture that config's model has."""
+    config = read_json(run_dir, MANIFEST)["config"]
+    return verify_run(run_dir, config=config, model_state=reference_state(TrainConfig.from_dict(config)),
+                      ignore=RECORDING_FIELDS)
+
+
+def load_data(config: TrainConfig) -> DatasetBundle:
+    return load_dataset(config.dataset, split_seed=config.split_seed, val_fraction=config.val_fraction,
+                        train_limit=config.train_limit)
 
 
 def train(
@@ -156,174 +141,119 @@ def train(
     callbacks: tuple[Callback, ...] = (),
     progress: bool | None = None,
     faults: Faults = NO_FAULTS,
+    resume: str = "never",
+    force: bool = False,
 ) -> RunResult:
-    """Train ``config`` from scratch; with ``run_dir``, write the run directory as it goes.
+    """Train ``config``; with ``run_dir``, into that run directory (else a temporary one).
 
     Args:
         config: the run.
-        run_dir: a new or empty directory for manifest, metrics, digests, checkpoints, model, result.
+        run_dir: a new directory for manifest, metrics, digests, checkpoints, model, result.
         callbacks: hooks called at start, after every step and at the end.
         progress: show a progress bar; ``None`` shows one unless ``REPROKIT_PROGRESS=0``.
         faults: kill points for fault-injection experiments (needs ``run_dir``).
+        resume: ``"never"`` (a directory holding a run is refused), ``"required"`` (continue the
+            unfinished run it holds: what :func:`reprokit.resume` does) or ``"auto"``.
+        force: with a resume, continue despite a changed recipe (recorded in the manifest).
     """
     started = time.perf_counter()
-    session = build_session(config)
-    faults.check(config.checkpoint_every, session.total_steps)
-    callbacks = (*callbacks, *config_callbacks(config, run_dir))
-    writer, entry = None, None
+    data = load_data(config)
+    total = total_steps(config, data)
+    faults.check(config.checkpoint_every, total)
+    if (faults.crash_at_step or faults.crash_during_save) and run_dir is None:
+        raise ConfigError("fault injection needs a run directory to resume from; pass run_dir")
     if run_dir is not None:
-        code = code_state()  # one look at the checkout: the manifest and code.diff agree
-        manifest = build_manifest(config, session.seeds, session.data, code=code, parent=session.parent,
-                                  factories=factory_digests(config.model, config.dataset))
-        writer = RunWriter(run_dir, manifest)
-        save_code_diff(writer.path, code)
-        entry = LedgerEntry.open(writer.path, manifest)
-    state = TrainState(config, session.model, session.optimizer, session.data, session.total_steps)
-    return run_loop(session, state, writer, callbacks=callbacks, progress=progress, faults=faults,
-                    started=started, ledger=entry)
-
-
-def run_loop(
-    session: Session,
-    state: TrainState,
-    writer: RunWriter | None,
-    *,
-    callbacks: tuple[Callback, ...] = (),
-    progress: bool | None = None,
-    faults: Faults = NO_FAULTS,
-    started: float,
-    rows: list[dict[str, Any]] | None = None,
-    history: list[tuple[int, dict[str, str]]] | None = None,
-    resume: ResumeInfo | None = None,
-    ledger: LedgerEntry | None = None,
-) -> RunResult:
-    """Train from ``state`` (step 0, or where a checkpoint left off) to the last step.
-
-    ``rows`` and ``history`` hold what earlier processes recorded before ``state.step``.
-    """
-    config, model, optimizer, data = session.config, session.model, session.optimizer, session.data
-    scheduler, loader, sampler = session.scheduler, session.loader, session.sampler
-    total = session.total_steps
-    loss_fn = F.cross_entropy if data.task == "classification" else F.mse_loss
-    rows = [] if rows is None else rows
-    history = [] if history is None else history
-    checkpointer = _checkpointer(config, writer, faults)
-    manifest_digest = writer.manifest_digest() if writer is not None else ""
-    keys = callback_keys(callbacks)
-
-    def record(row: dict[str, Any]) -> None:
-        every = config.digest_every
-        digests = state_digests(model) if every and row["step"] % every == 0 else None
-        state.digests = digests
-        if digests is not None:
-            history.append((row["step"], digests))
-            row["digest"] = combine_digests(digests)
-        rows.append(row)
-        if writer is not None:
-            writer.step(row, digests)
-
-    def snapshot() -> Snapshot:
-        assert writer is not None
-        saved: dict[str, Any] = {
-            MODEL_KEY: model.state_dict(),
-            OPTIMIZER_KEY: optimizer.state_dict(),
-            SCHEDULER_KEY: scheduler.state_dict() if scheduler is not None else None,
-            RNG_KEY: capture_rng_state(session.generators()).to_dict(),
-            CALLBACKS_KEY: dict(zip(keys, [cb.state_dict() for cb in callbacks], strict=True)),
-        }
-        meta = CheckpointMeta(
-            step=state.step, epoch=state.epoch, batch=state.batch, config=config.to_dict(),
-            data_digest=data.digest, code_version=code_version(source_digest(), config.model, config.dataset),
-            manifest_digest=manifest_digest,
-            run_files=writer.sync(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        )
-        return Snapshot(meta, saved, update_only=update_only(model, optimizer))
-
-    bar = tqdm(total=total, initial=state.step, disable=not show_progress(progress), leave=False,
-               desc=f"{config.model} seed {config.seed}")
+        return _train(config, data, total, Path(run_dir), callbacks=callbacks, progress=progress,
+                      faults=faults, resume=resume, force=force, started=started, recorded=True)
+    temporary = Path(tempfile.mkdtemp(prefix="reprokit-train-"))  # the rows and digests go through it
     try:
-        model.train()
-        for cb in callbacks:
-            cb.on_train_start(state)
-        if state.step == 0:  # step 0 is the initial model: runs whose seeds differ already diverge here
-            val_loss, val_metric = evaluate(model, data)
-            record({"step": 0, "epoch": 0, "loss": float("nan"), "lr": _lr(optimizer),
-                    "val_loss": val_loss, "val_metric": val_metric})
-        while state.step < total:
-            # the order of an epoch is computed from (seed, epoch): resuming mid-epoch costs nothing
-            sampler.set_epoch(state.epoch, state.batch)
-            for xb, yb in loader:
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(xb), yb)
-                loss.backward()
-                if checkpointer is not None:
-                    checkpointer.before_update()  # an async save may still be copying the weights
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                state.step += 1
-                state.batch += 1
-                if state.step == faults.crash_at_step:
-                    kill_self()
-                state.loss = loss.item()
-                row = {"step": state.step, "epoch": state.epoch, "loss": state.loss, "lr": _lr(optimizer)}
-                if state.step == total or (config.eval_every and state.step % config.eval_every == 0):
-                    row["val_loss"], row["val_metric"] = evaluate(model, data)
-                record(row)
-                for cb in callbacks:
-                    cb.on_step_end(state)
-                if checkpointer is not None and state.step < total and checkpointer.due(state.step):
-                    checkpointer.save(snapshot)
-                bar.update()
-                if state.step == total:
-                    break
-            else:
-                state.epoch, state.batch = state.epoch + 1, 0
-        if checkpointer is not None:
-            checkpointer.finish()
-    except BaseException:
-        if writer is not None:
-            writer.close()  # every row so far is on disk; result.json stays absent
-        if ledger is not None:
-            ledger.ledger.mark(ledger.run_id, "crashed")
-        raise
+        return _train(config, data, total, temporary / "run", callbacks=callbacks, progress=progress,
+                      faults=faults, resume=resume, force=force, started=started, recorded=False)
     finally:
-        bar.close()
-    final_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    final_digests = history[-1][1] if history and history[-1][0] == total else state_digests(final_state)
-    result = RunResult(
-        config=config,
-        seed_record=session.seeds,
-        data_digest=data.digest,
-        metric_name=metric_name(data),
-        final_metric=rows[-1]["val_metric"],
-        final_val_loss=rows[-1]["val_loss"],
-        final_digest=combine_digests(final_digests),
-        steps=total,
-        seconds=time.perf_counter() - started,
-        rows=rows,
-        tensor_digests=history,
-        final_state=final_state,
-        run_dir=writer.path if writer is not None else None,
-        resume=resume,
-        checkpoints=tuple(checkpointer.saved) if checkpointer else (),
-        save_blocked_seconds=tuple(checkpointer.blocked_seconds) if checkpointer else (),
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _train(config: TrainConfig, data: DatasetBundle, total: int, path: Path, *,
+           callbacks: tuple[Callback, ...], progress: bool | None, faults: Faults, resume: str, force: bool,
+           started: float, recorded: bool) -> RunResult:
+    run = Run(path, seed=config.seed, config=config, threads=config.threads,
+              deterministic=config.deterministic, digest_every=config.digest_every,
+              trace_every=config.trace_every, checkpoint_every=config.checkpoint_every,
+              checkpoint_seconds=config.checkpoint_seconds, keep_last=config.keep_last,
+              async_save=config.async_save, progress=progress, steps=total,
+              callbacks=(*callbacks, *finetune_callbacks(config)), faults=faults, kind="builtin",
+              resume=resume, ignore=RECORDING_FIELDS, ledger=recorded, overrides=False, force=force)
+    with run:
+        session = build(config, data)  # after Run seeded: the initial weights are the seed's
+        if run.resuming:  # a fine-tune's parent must still be the one the run started from
+            verify_parent(run._manifest, session.parent, config.init_from)
+        run.describe(data=data_entry(data, config.to_dict()), parent=session.parent,
+                     factories=factory_digests(config.model, config.dataset))
+        scheduler = {"scheduler": session.scheduler} if session.scheduler is not None else {}
+        run.track(model=session.model, optimizer=session.optimizer, **scheduler)
+        workers = {"multiprocessing_context": worker_context(), "persistent_workers": True} \
+            if config.num_workers else {}
+        loader = run.loader(TensorDataset(data.x_train, data.y_train), batch_size=config.batch_size,
+                            shuffle=True, num_workers=config.num_workers, digest=False, **workers)
+        _loop(run, session, loader)
+        rows = _rows(path)
+        last = rows[-1]
+        summary = run.finish(result={"final_val_loss": last["val_loss"]},
+                             **{metric_name(data): last["val_metric"], "val_loss": last["val_loss"]})
+    history = read_digests(path)  # closed by finish: complete
+    return RunResult(
+        config=config, seed_record=run.seeds, data_digest=data.digest, metric_name=metric_name(data),
+        final_metric=rows[-1]["val_metric"], final_val_loss=rows[-1]["val_loss"],
+        final_digest=summary.final_digest, steps=total, seconds=time.perf_counter() - started, rows=rows,
+        tensor_digests=history, final_state=_final_state(session.model), run_dir=path if recorded else None,
+        resume=run.resume_info, checkpoints=run.saved_steps, save_blocked_seconds=run.save_blocked_seconds,
     )
-    for cb in callbacks:
-        cb.on_train_end(state)
-    if writer is not None:
-        writer.finish(final_state, result.summary())
-    if ledger is not None:
-        ledger.ledger.finish(ledger.run_id, result.final_digest, result.final_metric)
-    return result
 
 
-def config_callbacks(config: TrainConfig, run_dir: str | Path | None) -> tuple[Callback, ...]:
-    """The callbacks the config asks for (``trace_every``: a Tracer writing into the run dir; a
-    fine-tune's Freezer); appended after the caller's, so a resume rebuilds them at the same place."""
-    tracer = (Tracer(run_dir, every=config.trace_every),) if config.trace_every else ()
-    return (*tracer, *finetune_callbacks(config))
+def _loop(run: Run, session: Session, loader: Any) -> None:
+    """The loop of a user's script, with the built-in's loss and evaluation."""
+    config, model, optimizer, scheduler, data = (session.config, session.model, session.optimizer,
+                                                 session.scheduler, session.data)
+    loss_fn: Callable[..., torch.Tensor] = F.cross_entropy if data.task == "classification" else F.mse_loss
+    total = session.total_steps
+    run.begin()
+    if run.global_step == 0:  # step 0 is the initial model: runs whose seeds differ already diverge here
+        val_loss, val_metric = evaluate(model, data)
+        run.log(val_loss=val_loss, val_metric=val_metric)
+    model.train()
+    for _ in run.epochs(math.ceil(total / len(loader))):
+        for xb, yb in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            step = run.global_step + 1
+            evals = {}
+            if step == total or (config.eval_every and step % config.eval_every == 0):
+                evals = dict(zip(("val_loss", "val_metric"), evaluate(model, data), strict=True))
+            run.step(loss=loss, **evals)
 
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    """RunResult's rows, one per step 0..N, from metrics.csv: the same for a run that went through
+    and one that was resumed."""
+    frame = read_metrics(path)
+    if "kind" in frame:
+        frame = frame[frame["kind"].isin(["init", "step"])]
+    rows = []
+    for record in frame.to_dict("records"):
+        row = {c: record.get(c, math.nan) for c in _ROW_COLUMNS}
+        row["step"], row["epoch"] = int(row["step"]), int(row["epoch"])
+        if not isinstance(row["digest"], str):
+            row.pop("digest")
+        rows.append(row)
+    return rows
+
+
+def _final_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 def pretrain(config: TrainConfig, run_dir: str | Path, **kwargs: Any) -> RunResult:
     """Train the upstream model into ``run_dir``: its ``model.safetensors`` and manifest are the
@@ -345,18 +275,6 @@ def finetune(
     """
     changes = {"init_from": str(Path(parent).resolve()), "finetune": strategy}
     return train(config.replace(**changes), run_dir, **kwargs)
-
-
-def _checkpointer(config: TrainConfig, writer: RunWriter | None, faults: Faults) -> Checkpointer | None:
-    if not (config.checkpoint_every or config.checkpoint_seconds):
-        return None
-    if writer is None:
-        raise ConfigError(
-            "checkpoint_every/checkpoint_seconds need a run directory to write to; pass run_dir"
-        )
-    return Checkpointer(writer.path, every=config.checkpoint_every, seconds=config.checkpoint_seconds,
-                        keep=config.keep_last, background=config.async_save,
-                        crash_during_save=faults.crash_during_save)
 
 
 def show_progress(progress: bool | None) -> bool:

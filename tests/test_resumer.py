@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from reprokit import TrainConfig, resumer, train
+from reprokit import TrainConfig, provenance, train, trainer
 from reprokit.checkpoint import TMP_PREFIX, list_checkpoints
 from reprokit.cli import main
 from reprokit.recovery import KillPoint, damage_checkpoint, kill_run
@@ -118,7 +118,7 @@ def test_changed_code_version_is_refused(
 ) -> None:
     """A checkpoint written by other reprokit code is refused, naming the code version."""
     run_dir = _fresh(killed, "mid-epoch", tmp_path)
-    monkeypatch.setattr(resumer, "source_digest", lambda: "0" * 32)
+    monkeypatch.setattr(provenance, "source_digest", lambda: "0" * 32)
     with pytest.raises(ResumeError, match="reprokit code version"):
         resume(run_dir, progress=False)
 
@@ -170,15 +170,15 @@ def test_changed_dataset_digest_is_refused(
     """If the data no longer hashes to what the checkpoint recorded, resume refuses and shows both."""
     import dataclasses
 
-    from reprokit.trainer import Session, build_session
+    from reprokit.data import DatasetBundle
 
-    def other_data(config: TrainConfig) -> Session:
-        session = build_session(config)
-        session.data = dataclasses.replace(session.data, digest="f" * 32)
-        return session
+    real = trainer.load_data
+
+    def other_data(config: TrainConfig) -> DatasetBundle:
+        return dataclasses.replace(real(config), digest="f" * 32)
 
     run_dir = _fresh(killed, "mid-epoch", tmp_path)
-    monkeypatch.setattr(resumer, "build_session", other_data)
+    monkeypatch.setattr(trainer, "load_data", other_data)
     with pytest.raises(ResumeError, match=r"data digest: [0-9a-f]{32} -> f{32}"):
         resume(run_dir, progress=False)
 
