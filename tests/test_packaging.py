@@ -20,7 +20,7 @@ from reprokit import TrainConfig
 
 ROOT = Path(__file__).parent.parent
 # study settings, not run config
-AUDIT_PARAMETERS = {"factor_seeds", "seeds", "repeats", "vary", "jobs", "profile"}
+AUDIT_PARAMETERS = {"factor_seeds", "seeds", "repeats", "vary", "jobs", "profile", "command"}
 # seconds of imports each; `import reprokit` and `reprokit --help` must not pay for them
 HEAVY = ("torch", "matplotlib", "scipy", "pandas")
 

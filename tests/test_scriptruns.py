@@ -1,0 +1,46 @@
+"""Script runs: the environment a command gets, and the errors of one that does not behave."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from reprokit.errors import ConfigError
+from reprokit.scriptruns import ScriptRunError, command_env, kill_command, read_script_run, steps_done
+
+
+def test_command_env_sets_the_contract_and_drops_inherited_kill_points(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child gets the run dir, seed and factors as REPROKIT_* values, and none of the parent's."""
+    monkeypatch.setenv("REPROKIT_CRASH_AT_STEP", "3")
+    monkeypatch.setenv("REPROKIT_LEDGER", str(tmp_path / "ledger.sqlite"))  # not part of the contract
+    env = command_env(tmp_path / "run", seed=7, factors={"threads": 2, "deterministic": False})
+    assert "REPROKIT_CRASH_AT_STEP" not in env
+    assert env["REPROKIT_LEDGER"] == str(tmp_path / "ledger.sqlite")
+    assert (env["REPROKIT_RUN_DIR"], env["REPROKIT_SEED"]) == (str((tmp_path / "run").resolve()), "7")
+    assert [env[f"REPROKIT_{k}"] for k in ("THREADS", "DETERMINISTIC", "PROGRESS")] == ["2", "0", "0"]
+    with pytest.raises(ConfigError, match="REPROKIT_NUM_WORKERS=-1 is below 0"):
+        command_env(tmp_path / "run", factors={"num_workers": -1})
+
+
+def test_a_command_that_is_not_killed_is_reported_with_its_status(tmp_path: Path) -> None:
+    """A command that should die of SIGKILL but exits is an error naming its status and stderr."""
+    command = [sys.executable, "-c", "import sys; print('no kill point here', file=sys.stderr)"]
+    with pytest.raises(ScriptRunError, match=r"killed at its kill point, but .* exited with status 0; "
+                                             r"the end of its stderr:\n  no kill point here"):
+        kill_command(command, command_env(tmp_path / "run"), timeout=60)
+
+
+def test_unfinished_run_and_steps_on_disk(tmp_path: Path) -> None:
+    """steps_done counts step rows only; an unfinished run directory is not a finished script run."""
+    run = tmp_path / "run"
+    run.mkdir()
+    assert steps_done(run) == 0
+    (run / "metrics.csv").write_text("step,epoch,loss,kind\n0,0,,init\n1,0,2.3,step\n2,0,2.2,step\n"
+                                     "2,0,,log\n")
+    assert steps_done(run) == 2
+    with pytest.raises(ScriptRunError, match=r"has no result\.json: the command did not finish"):
+        read_script_run(run)
