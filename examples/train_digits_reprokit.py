@@ -91,8 +91,8 @@ def main():
     parser.add_argument("--log-interval", type=int, default=10)
     parser.add_argument("--save-model", action="store_true")
     args = parser.parse_args()
-    run = reprokit.Run("runs/digits", seed=args.seed, config=vars(args), checkpoint_every=10)
     torch.manual_seed(args.seed)
+    run = reprokit.Run("runs/digits", seed=args.seed, config=vars(args), checkpoint_every=10)
 
     augment = v2.RandomAffine(degrees=10, translate=(0.1, 0.1))
     train_loader = DataLoader(Digits(True, augment), batch_size=args.batch_size, shuffle=True,

@@ -157,8 +157,8 @@ def _compare(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from reprokit.relaunch import is_script_run, reproduce_script
-    from reprokit.reproduction import reproduce
+    from reprokit.relaunch import is_script_run
+    from reprokit.reproduction import reproduce, reproduce_script
 
     changes: dict[str, Any] = dict(_assignment(a) for a in args.set)
     if args.threads is not None:

@@ -9,16 +9,13 @@ when the script's bytes changed since the run started, unless forced.
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from reprokit.compare import compare_runs
 from reprokit.entrypoint import EntryPoint, EntryPointError, file_bytes_digest
-from reprokit.reproduction import ReproduceError, Reproduction
-from reprokit.rundir import MANIFEST, RESULT, read_json
+from reprokit.rundir import MANIFEST, read_json
 
 
 def is_script_run(run_dir: str | Path) -> bool:
@@ -90,22 +87,3 @@ def _recorded_overrides(run_dir: str | Path) -> dict[str, str]:
         if value is not None:
             env[f"REPROKIT_{key.upper()}"] = str(value)
     return env
-
-
-def reproduce_script(run_dir: str | Path, out: str | Path, *, tolerance: float,
-                     env: dict[str, str] | None = None) -> Reproduction:
-    """Re-execute a finished script run into ``out`` and compare: a :class:`Reproduction`."""
-    run_dir, out = Path(run_dir), Path(out)
-    if not (run_dir / RESULT).is_file():
-        raise ReproduceError(f"run {str(run_dir)!r} has no {RESULT}: only a finished run can be reproduced; "
-                             f"finish it with `reprokit resume {run_dir}`")
-    if (out / MANIFEST).exists():
-        raise ReproduceError(f"{str(out)!r} already holds a run; pass a new --out directory")
-    status = run_recorded(run_dir, out, env=env)
-    if status != 0:
-        raise ReproduceError(f"the recorded command exited with status {status}; see its output above")
-    comparison = compare_runs(run_dir, out)
-    delta = abs(comparison.final_metric_delta)
-    verdict = "bitwise" if comparison.identical else \
-        "within tolerance" if not math.isnan(delta) and delta <= tolerance else "failed"
-    return Reproduction(run_dir, out, verdict, tolerance, comparison, None)

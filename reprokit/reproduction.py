@@ -28,6 +28,7 @@ from reprokit.config import TrainConfig
 from reprokit.data import load_dataset
 from reprokit.errors import ReprokitError
 from reprokit.finetuning import LineageError, load_parent
+from reprokit.relaunch import is_script_run, run_recorded
 from reprokit.rundir import MANIFEST, RESULT, read_json
 from reprokit.trainer import train
 
@@ -116,6 +117,12 @@ def reproduce(
     run_dir = Path(run_dir)
     if not 0 <= tolerance < math.inf:
         raise ReproduceError(f"tolerance {tolerance} must be a number >= 0; pass e.g. {DEFAULT_TOLERANCE}")
+    if (run_dir / MANIFEST).is_file() and is_script_run(run_dir):
+        if changes:
+            raise ReproduceError(f"changes {sorted(changes)} apply to built-in runs; a script run is "
+                                 "reproduced with its own recorded command (REPROKIT_THREADS sets threads)")
+        out = Path(out) if out is not None else _free_path(run_dir.parent / f"{run_dir.name}-reproduced")
+        return reproduce_script(run_dir, out, tolerance=tolerance)
     if not (run_dir / RESULT).is_file():
         raise ReproduceError(f"run {str(run_dir)!r} has no {RESULT}: only a finished run can be reproduced; "
                              f"finish it with `reprokit resume {run_dir}`")
@@ -130,6 +137,25 @@ def reproduce(
     delta = abs(comparison.final_metric_delta)
     verdict = "bitwise" if comparison.identical else "within tolerance" if delta <= tolerance else "failed"
     return Reproduction(run_dir, out, verdict, tolerance, comparison, parent)
+
+
+def reproduce_script(run_dir: str | Path, out: str | Path, *, tolerance: float,
+                     env: dict[str, str] | None = None) -> Reproduction:
+    """Re-execute a finished script run into ``out`` and compare: a :class:`Reproduction`."""
+    run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / RESULT).is_file():
+        raise ReproduceError(f"run {str(run_dir)!r} has no {RESULT}: only a finished run can be reproduced; "
+                             f"finish it with `reprokit resume {run_dir}`")
+    if (out / MANIFEST).exists():
+        raise ReproduceError(f"{str(out)!r} already holds a run; pass a new --out directory")
+    status = run_recorded(run_dir, out, env=env)
+    if status != 0:
+        raise ReproduceError(f"the recorded command exited with status {status}; see its output above")
+    comparison = compare_runs(run_dir, out)
+    delta = abs(comparison.final_metric_delta)
+    verdict = "bitwise" if comparison.identical else \
+        "within tolerance" if not math.isnan(delta) and delta <= tolerance else "failed"
+    return Reproduction(run_dir, out, verdict, tolerance, comparison, None)
 
 
 def _check_data(config: TrainConfig, manifest: dict[str, Any]) -> None:
