@@ -3,8 +3,8 @@
 Both train the cnn on digits with the same seed, initial weights, SGD with momentum, learning rate,
 batch size, step count and one intra-op thread; both load the data, build the model, evaluate on
 the validation set at step 0 and at the end and call ``loss.item()`` every step. They also see the
-same batches: reprokit shuffles epoch ``e`` with a generator seeded from ``derive_seed(seed,
-"epoch", e)`` (``EpochBatchSampler`` in reprokit/data.py), so that any epoch can be reached without
+same batches: reprokit's ``run.loader`` shuffles epoch ``e`` with a generator seeded from
+``derive_seed(seed, "loader", 0, e, 0)`` (reprokit/runloader.py), so that any epoch can be reached without
 drawing the ones before it, and the hand loop draws each epoch's permutation the same way (one
 seeding per epoch, nothing per step). A hand loop that shuffled every epoch from one generator
 seeded once trained on another batch order and ended at another val loss. So both do the same
@@ -90,8 +90,8 @@ def hand_loop(cfg: TrainConfig) -> Outcome:
     hand_evaluate(model, data.x_val, data.y_val)  # step 0, as reprokit does
     step, epoch, loss_value = 0, 0, math.nan
     while step < cfg.steps:
-        # reprokit's batch order: one generator per epoch, seeded from (seed, epoch)
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "epoch", epoch))
+        # reprokit's batch order: one generator per epoch, seeded from (seed, loader 0, epoch, pass 0)
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "loader", 0, epoch, 0))
         order = torch.randperm(len(x), generator=gen)
         epoch += 1
         for idx in torch.split(order, cfg.batch_size):  # the last batch may be short, as in reprokit
