@@ -189,6 +189,8 @@ class Run:
                                           keep=keep_last, background=async_save,
                                           crash_during_save=crash_save)
         self._tracked: dict[str, Any] = {}
+        self._modules: dict[str, nn.Module] | None = None  # the tracked modules, once the run began
+        self._optimizer: torch.optim.Optimizer | None = None
         self._loaders: list[RunLoader] = []
         tracer = (Tracer(self.path, every=trace_every),) if trace_every else ()
         self._callbacks: tuple[Callback, ...] = (*tracer, *callbacks)
@@ -498,13 +500,21 @@ class Run:
         return {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
 
     def _tracked_modules(self) -> dict[str, nn.Module]:
+        if self._modules is not None:  # the tracked set is fixed once the run began: found once
+            return self._modules
         modules = {n: o for n, o in self._tracked.items() if isinstance(o, nn.Module)}
         if not modules:
             raise ReprokitError("no nn.Module is tracked: pass the model too, run.track(model=model, ...)")
+        if self._begun:
+            self._modules = modules
+            optimizers = (o for o in self._tracked.values() if isinstance(o, torch.optim.Optimizer))
+            self._optimizer = next(optimizers, None)
         return modules
 
     def _first_optimizer(self) -> torch.optim.Optimizer | None:
-        return next((o for o in self._tracked.values() if isinstance(o, torch.optim.Optimizer)), None)
+        if self._modules is None:
+            return next((o for o in self._tracked.values() if isinstance(o, torch.optim.Optimizer)), None)
+        return self._optimizer
 
     def _lr(self) -> float:
         opt = self._first_optimizer()

@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from reprokit.checkpoint import list_checkpoints
 from reprokit.rundir import METRICS
 
@@ -53,15 +51,6 @@ def _steps_written(run_dir: Path) -> int:
         return max(0, len((run_dir / METRICS).read_text().splitlines()) - 2)
     except FileNotFoundError:
         return 0
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One uninterrupted run of the example."""
-    run_dir = tmp_path_factory.mktemp("example") / "reference"
-    done = _run(run_dir)
-    assert done.returncode == 0, done.stderr
-    return run_dir
 
 
 def _assert_same_run(run_dir: Path, reference: Path) -> None:

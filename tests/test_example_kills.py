@@ -10,17 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from test_example import ARGS, SCRIPT, TIMEOUT, _assert_same_run, _cli, _env, _run, _steps_written
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One uninterrupted run of the example."""
-    run_dir = tmp_path_factory.mktemp("example") / "reference"
-    done = _run(run_dir)
-    assert done.returncode == 0, done.stderr
-    return run_dir
 
 
 def test_sigkill_at_random_moments_then_relaunch_is_bit_exact(reference: Path, tmp_path: Path) -> None:
