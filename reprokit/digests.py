@@ -12,19 +12,34 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import xxhash
+
+# dtypes whose tensors numpy can view without a copy: their bytes are hashed through that view
+_NUMPY_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.complex64, torch.complex128,
+                           torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool})
+_HEADS: dict[tuple[str, torch.dtype, torch.Size], bytes] = {}  # name, dtype, shape -> the digest's header
 
 
 def tensor_digest(name: str, tensor: torch.Tensor) -> str:
     """xxh3-128 hex digest over a tensor's name, dtype, shape and bytes."""
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    h = xxhash.xxh3_128()
-    h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-    # viewing as bytes works for every dtype, bfloat16 included, which numpy cannot hold
-    h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    key = (name, tensor.dtype, tensor.shape)
+    head = _HEADS.get(key)
+    if head is None:
+        head = f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode()
+        if len(_HEADS) < 1 << 16:  # per-step digests meet the same few hundred tensors again and again
+            _HEADS[key] = head
+    h = xxhash.xxh3_128(head)
+    if tensor.dtype in _NUMPY_DTYPES:
+        # detached, on the CPU, conjugation and negation resolved; a view when it can be
+        array = tensor.numpy(force=True)
+        if not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array)
+        h.update(array)  # type: ignore[arg-type]  # an ndarray is a buffer
+    else:  # viewing as bytes works for every dtype, bfloat16 included, which numpy cannot hold
+        t = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous()
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 

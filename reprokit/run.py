@@ -65,6 +65,7 @@ from reprokit.runresume import (
     settle,
 )
 from reprokit.seeding import RngState, capture_rng_state, restore_rng_state, seed_everything
+from reprokit.stateview import StateView
 from reprokit.trace import Tracer
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT with a checkpoint; relaunch to resume
@@ -190,6 +191,7 @@ class Run:
                                           crash_during_save=crash_save)
         self._tracked: dict[str, Any] = {}
         self._modules: dict[str, nn.Module] | None = None  # the tracked modules, once the run began
+        self._view: StateView | None = None  # their state's tensors, for the per-step digests
         self._optimizer: torch.optim.Optimizer | None = None
         self._loaders: list[RunLoader] = []
         tracer = (Tracer(self.path, every=trace_every),) if trace_every else ()
@@ -295,7 +297,7 @@ class Run:
         self._put_metrics(row, metrics)
         self.digests = None
         if self.digest_every and step % self.digest_every == 0:
-            self.digests = state_digests(self._module_state())
+            self.digests = state_digests(self._digest_view().tensors())
             row["digest"] = combine_digests(self.digests)
         self._files.step(_csv_row(row), self.digests)
         self._state.step, self._state.digests = step, self.digests
@@ -499,6 +501,11 @@ class Run:
             return next(iter(modules.values())).state_dict()
         return {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
 
+    def _digest_view(self) -> StateView:
+        if self._view is None:
+            self._view = StateView(self._tracked_modules())
+        return self._view
+
     def _tracked_modules(self) -> dict[str, nn.Module]:
         if self._modules is not None:  # the tracked set is fixed once the run began: found once
             return self._modules
@@ -579,6 +586,8 @@ class Run:
             self._checkpointer.wait()
         if self._writer is not None:
             self._writer.close()
+        if self._view is not None:
+            self._view.close()
         if status != "finished" and self._ledger is not None:
             self._ledger.ledger.mark(self._ledger.run_id, status)
         for signum, handler in self._handlers.items():

@@ -3,12 +3,12 @@
 The order of a pass comes from a generator seeded with (seed, loader, epoch, pass); the position
 is a batch counter, so a resume starts at batch b without drawing the batches before it. Each
 sample is fetched with torch's and numpy's global RNGs seeded from (that pass's seed, its index),
-and python's ``random`` from (that pass's seed, the batch's first index) once per batch (its
-seeding costs as much as a small transform; a batch is always fetched whole, by one process, so
-this is as exact). A random crop or flip in ``__getitem__`` thus gives the same bits in the main
-process or in any worker, with any ``num_workers``, before and after a resume. In the main
-process the three states are put back after each batch, so the training's own RNG streams
-(dropout) are untouched by the fetch; a worker's need not be.
+and python's ``random`` from (that pass's seed, the batch's first index) once per batch (a batch
+is always fetched whole, by one process, so this is as exact); a stream the dataset never draws
+from is watched instead of seeded (``_SeededDataset``). A random crop or flip in ``__getitem__``
+thus gives the same bits in the main process or in any worker, with any ``num_workers``, before
+and after a resume. In the main process the three states are put back after each batch, so the
+training's own RNG streams (dropout) are untouched by the fetch; a worker's need not be.
 
 A user's existing DataLoader is taken over: its dataset, batch size, shuffle, drop_last, collate
 function, workers and their settings. What cannot be made exact is refused with the reason: an
@@ -35,10 +35,10 @@ from torch.utils.data import (
     SequentialSampler,
     TensorDataset,
     default_collate,
-    get_worker_info,
 )
 
 from reprokit.errors import DataError
+from reprokit.globalrng import FetchGuard, GlobalStreams
 from reprokit.seeding import SEED_MAX, derive_seed
 
 # DataLoader arguments taken over from a user's loader, or accepted by run.loader(dataset, ...)
@@ -54,6 +54,7 @@ _REFUSED = {
 }
 
 
+_STREAMS = frozenset(GlobalStreams.NAMES)
 _BATCH = 0x9E3779B9  # sets python's per-batch seed apart from the first sample's torch/numpy seed
 
 
@@ -62,8 +63,18 @@ def _sample_seed(pass_seed: int, index: int) -> int:
 
 
 class _SeededDataset(Dataset[Any]):
-    """Fetches sample ``(pass_seed, index)`` of the wrapped dataset with the global RNGs seeded
-    from both, and restored afterwards."""
+    """Fetches sample ``(pass_seed, index)`` of the wrapped dataset with the global RNGs it draws
+    from seeded from both, and puts them back afterwards.
+
+    Seeding numpy's global stream costs more than a small augmentation (python's too), so a stream
+    is seeded only once the dataset has been seen to draw from it: every batch is fetched with the
+    streams in ``seeded`` seeded and the others watched (a fingerprint of their state before the
+    batch, compared after it: ``globalrng.FetchGuard``). A batch that drew from a watched stream
+    is fetched again with that stream seeded too, and from then on it is seeded in this process.
+    Each sample is thus fetched as if every stream it draws from had been seeded: the same bits in
+    the main process and in any worker, whenever each learnt which streams to seed. The cost: the
+    first batch that draws from a stream is fetched twice in each process that fetches.
+    """
 
     def __init__(self, dataset: Dataset[Any]) -> None:
         self.dataset = dataset
@@ -71,6 +82,11 @@ class _SeededDataset(Dataset[Any]):
         # with the default collate its batch is one gather per tensor (``gather``), not a stack
         self._plain = type(dataset) is TensorDataset
         self.gather = False
+        self.seeded: frozenset[str] = frozenset()
+        self._guard: FetchGuard | None = None  # its copies of the streams serve the next batch
+
+    def __getstate__(self) -> dict[str, Any]:  # to a worker: the copies stay here
+        return {**self.__dict__, "_guard": None}
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -85,24 +101,39 @@ class _SeededDataset(Dataset[Any]):
             return [[t[index] for t in self.dataset.tensors]]  # what default_collate would stack
         if self._plain:
             return [self.dataset[index] for _, index in keys]
-        if get_worker_info() is not None:  # a worker's RNGs serve nothing but these fetches
-            return self._fetch(keys)
-        saved = (random.getstate(), np.random.get_state(), torch.default_generator.get_state())
+        guard, self._guard = self._guard or FetchGuard(), None  # taken: a nested fetch has its own
+        guard.before()  # in a worker too: the watch needs it
+        touched = self.seeded  # the streams this fetch may have moved, to put back
         try:
-            return self._fetch(keys)
+            out = self._fetch(keys)
+            drawn = guard.drawn(_STREAMS - self.seeded)
+            touched = self.seeded | drawn
+            if drawn:
+                self.seeded = touched
+                guard.restore(touched)
+                out = self._fetch(keys)
+            return out
+        except BaseException:
+            touched = _STREAMS  # an error mid-fetch: whatever drew, all go back
+            raise
         finally:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            torch.default_generator.set_state(saved[2])
+            guard.restore(touched)
+            self._guard = guard
 
     def _fetch(self, keys: list[tuple[int, int]]) -> list[Any]:
-        random.seed(_sample_seed(keys[0][0], keys[0][1]) ^ _BATCH)
+        seeded = self.seeded
+        if "python" in seeded:
+            random.seed(_sample_seed(keys[0][0], keys[0][1]) ^ _BATCH)
+        torch_seeded, numpy_seeded = "torch" in seeded, "numpy" in seeded
         out = []
         generator, dataset = torch.default_generator, self.dataset
         for pass_seed, index in keys:
-            seed = _sample_seed(pass_seed, index)
-            generator.manual_seed(seed)
-            np.random.seed(seed)
+            if torch_seeded or numpy_seeded:
+                seed = _sample_seed(pass_seed, index)
+                if torch_seeded:
+                    generator.manual_seed(seed)
+                if numpy_seeded:
+                    np.random.seed(seed)
             out.append(dataset[index])
         return out
 

@@ -270,3 +270,54 @@ def test_augmentations_do_not_depend_on_workers_and_leave_the_main_rngs_alone(tm
         run._close("crashed")
     assert torch.equal(passes[0], passes[2])
     assert len(set(passes[0][:, 1].tolist())) > 1  # python's draws differ between samples too
+
+
+class _SometimesDraws(torch.utils.data.Dataset[torch.Tensor]):
+    """Samples 0-9 draw nothing; numpy from sample 10 on, python from 20, torch from 30."""
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        import random
+
+        import numpy as np
+
+        return torch.tensor([i, float(np.random.rand()) if i >= 10 else 0.0,
+                             random.random() if i >= 20 else 0.0, float(torch.rand(())) if i >= 30 else 0.0])
+
+
+def test_streams_first_drawn_mid_epoch_are_seeded_as_if_from_the_start(tmp_path: Path) -> None:
+    """A stream is seeded only once the dataset is seen to draw from it; the batch that first draws
+    is fetched again, so each sample's bits are those of fetching it with every stream seeded, with
+    0 or 2 workers, and the main process's streams (numpy's normal cache included) are untouched."""
+    import random
+
+    import numpy as np
+
+    from reprokit.runloader import _BATCH, _sample_seed
+
+    passes, orders = {}, {}
+    for workers in (0, 2):
+        run = reprokit.Run(tmp_path / f"w{workers}", seed=4)
+        run.track(model=nn.Linear(1, 1))
+        loader = run.loader(_SometimesDraws(), batch_size=4, shuffle=True, num_workers=workers)
+        np.random.standard_normal()  # the main process's normal cache is full
+        before = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        passes[workers] = torch.cat(list(loader))
+        after = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        assert after[0] == before[0] and torch.equal(after[2], before[2])
+        assert np.array_equal(after[1][1], before[1][1]) and after[1][2:] == before[1][2:]
+        orders[workers] = loader._sampler.pass_seed
+        run._close("crashed")
+    assert torch.equal(passes[0], passes[2])
+    pass_seed, rows = orders[0], passes[0]
+    for b in range(0, 40, 4):  # the oracle: every stream seeded for every sample
+        first = int(rows[b, 0])
+        random.seed(_sample_seed(pass_seed, first) ^ _BATCH)
+        for row in rows[b:b + 4]:
+            i = int(row[0])
+            seed = _sample_seed(pass_seed, i)
+            np.random.seed(seed), torch.manual_seed(seed)
+            expected = _SometimesDraws()[i]
+            assert torch.equal(row, expected), (i, row, expected)
