@@ -51,10 +51,7 @@ def state_digests(state: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[s
 
 def combine_digests(digests: Mapping[str, str]) -> str:
     """One digest over named digests (order-sensitive, as ``state_dict`` order is fixed)."""
-    h = xxhash.xxh3_128()
-    for name, d in digests.items():
-        h.update(f"{name}={d}\n".encode())
-    return h.hexdigest()
+    return xxhash.xxh3_128_hexdigest("".join([f"{name}={d}\n" for name, d in digests.items()]).encode())
 
 
 def model_digest(state: torch.nn.Module | Mapping[str, torch.Tensor]) -> str:

@@ -16,6 +16,7 @@ over the target, so a reader never sees half a file.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import tempfile
@@ -110,6 +111,7 @@ class RunWriter:
         self._run_id = str(manifest.get("run_id", ""))
         self._metrics_file, self._metrics = _csv(self.path / METRICS, METRIC_COLUMNS, truncate_to)
         self._digests_file, self._digests = _csv(self.path / DIGESTS, DIGEST_COLUMNS, truncate_to)
+        self._digest_names: dict[str, str] = {}  # tensor name -> its csv field
 
     def manifest_digest(self) -> str:
         return self._manifest_digest
@@ -131,7 +133,14 @@ class RunWriter:
 
     def step(self, row: Mapping[str, Any], tensor_digests: Mapping[str, str] | None) -> None:
         if tensor_digests:
-            self._digests.writerows((row["step"], n, d) for n, d in tensor_digests.items())
+            step, names = row["step"], self._digest_names
+            lines = []
+            for name, digest in tensor_digests.items():
+                quoted = names.get(name)
+                if quoted is None:  # what csv.writer writes for the name (quoted if it must be)
+                    quoted = names[name] = _csv_field(name)
+                lines.append(f"{step},{quoted},{digest}\r\n")
+            self._digests_file.write("".join(lines))
             self._digests_file.flush()
         self._metrics.writerow([row.get(c, "") for c in METRIC_COLUMNS])
         self._metrics_file.flush()
@@ -151,6 +160,12 @@ class RunWriter:
     def close(self) -> None:
         self._metrics_file.close()
         self._digests_file.close()
+
+
+def _csv_field(value: str) -> str:
+    out = io.StringIO()
+    csv.writer(out).writerow([value])
+    return out.getvalue()[:-2]  # without the writer's "\r\n"
 
 
 def _csv(path: Path, header: tuple[str, ...], truncate_to: Mapping[str, int] | None) -> tuple[IO[str], Any]:

@@ -58,8 +58,11 @@ _STREAMS = frozenset(GlobalStreams.NAMES)
 _BATCH = 0x9E3779B9  # sets python's per-batch seed apart from the first sample's torch/numpy seed
 
 
+_PAIR = struct.Struct("<QQ")
+
+
 def _sample_seed(pass_seed: int, index: int) -> int:
-    return xxhash.xxh3_64_intdigest(struct.pack("<QQ", pass_seed, index)) & SEED_MAX
+    return xxhash.xxh3_64_intdigest(_PAIR.pack(pass_seed, index)) & SEED_MAX
 
 
 class _SeededDataset(Dataset[Any]):
@@ -125,15 +128,17 @@ class _SeededDataset(Dataset[Any]):
         if "python" in seeded:
             random.seed(_sample_seed(keys[0][0], keys[0][1]) ^ _BATCH)
         torch_seeded, numpy_seeded = "torch" in seeded, "numpy" in seeded
+        dataset = self.dataset
+        if not (torch_seeded or numpy_seeded):
+            return [dataset[index] for _, index in keys]
         out = []
-        generator, dataset = torch.default_generator, self.dataset
+        generator, digest, pack = torch.default_generator, xxhash.xxh3_64_intdigest, _PAIR.pack
         for pass_seed, index in keys:
-            if torch_seeded or numpy_seeded:
-                seed = _sample_seed(pass_seed, index)
-                if torch_seeded:
-                    generator.manual_seed(seed)
-                if numpy_seeded:
-                    np.random.seed(seed)
+            seed = digest(pack(pass_seed, index)) & SEED_MAX  # _sample_seed, inlined: once per sample
+            if torch_seeded:
+                generator.manual_seed(seed)
+            if numpy_seeded:
+                np.random.seed(seed)
             out.append(dataset[index])
         return out
 
