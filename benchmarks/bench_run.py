@@ -97,9 +97,11 @@ class Clocks:
     fetch: float = 0.0  # inside the example dataset's __getitem__ (the augmentation), within loader
     collate: float = 0.0  # inside the collate function, within loader
     step: float = 0.0  # inside run.step()
+    fingerprint: float = 0.0  # inside the run's fingerprint hooks: a loader's yield, the optimizer's pre-hook
+    yields: float = 0.0  # of which at the loader's yield (within loader)
 
     def reset(self) -> None:
-        self.loader = self.fetch = self.collate = self.step = 0.0
+        self.loader = self.fetch = self.collate = self.step = self.fingerprint = self.yields = 0.0
 
 
 class TimedDataset(Dataset[Any]):
@@ -213,8 +215,9 @@ class Outcome:
 
     @property
     def loader_own(self) -> float:
-        """The train loader's time besides the example's fetches and the collate."""
-        return self.clocks.loader - self.clocks.fetch - self.clocks.collate
+        """The train loader's time besides the example's fetches, the collate and the run's
+        fingerprint of each batch it yields (counted with the hooks)."""
+        return self.clocks.loader - self.clocks.fetch - self.clocks.collate - self.clocks.yields
 
 
 @dataclass(frozen=True)
@@ -270,6 +273,8 @@ def reprokit_loop(example: ModuleType, variant: Variant, epochs: int, run_dir: P
         run.log(test_accuracy=accuracy)
         scheduler.step()
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    clocks.yields = run.hook_seconds["yield"]
+    clocks.fingerprint = run.hook_seconds["yield"] + run.hook_seconds["update"]
     return Loop(seconds, cpu_seconds, steps, run.finish(test_accuracy=accuracy).final_digest)
 
 
@@ -379,9 +384,12 @@ def report(outcomes: dict[str, list[Outcome]], epochs: int, repeats: int) -> Non
               f"{1000 * median / steps:>8.3f} {wall[name]:>6.3f}x {cpu_median:>7.3f} "
               f"{cpu[name]:>6.3f}x {whole:>6.3f}x")
 
-    print("in-run, ms per step (medians): inside run.step(); inside the train loader besides the "
-          "example's fetch and collate (its own machinery); inside the example's fetch (the augmentation). "
-          "hook share = run.step() + the loader's own time in excess of the bare loader's, % of the loop")
+    print("in-run, ms per step (medians): inside run.step(); inside the run's fingerprint hooks (the "
+          "batch and RNG digests at the loader's yield, the gradient digests in the optimizer's pre-hook: "
+          "Run.hook_seconds); inside the train loader besides the example's fetch, the collate and the "
+          "yield's fingerprints (its own machinery); inside the example's fetch (the augmentation). "
+          "hook share = run.step() + fingerprints + the loader's own time in excess of the bare "
+          "loader's, % of the loop")
     print(f"  {BARE.name:<20} run.step     -  loader {per_step(base, lambda o: o.loader_own):.3f}  fetch "
           f"{per_step(base, lambda o: o.clocks.fetch):.3f}")
     share: dict[str, float] = {}
@@ -389,11 +397,13 @@ def report(outcomes: dict[str, list[Outcome]], epochs: int, repeats: int) -> Non
         if name == BARE.name:
             continue
         pairs = list(zip(runs, base, strict=True))
-        share[name] = statistics.median((o.clocks.step + o.loader_own - b.loader_own) / o.loop_seconds
-                                        for o, b in pairs)
+        share[name] = statistics.median(
+            (o.clocks.step + o.clocks.fingerprint + o.loader_own - b.loader_own) / o.loop_seconds
+            for o, b in pairs)
         step, own = per_step(runs, lambda o: o.clocks.step), per_step(runs, lambda o: o.loader_own)
-        print(f"  {name:<20} run.step {step:.3f}  loader {own:.3f}  fetch "
-              f"{per_step(runs, lambda o: o.clocks.fetch):.3f}  hook share {100 * share[name]:.1f}%")
+        prints = per_step(runs, lambda o: o.clocks.fingerprint)
+        print(f"  {name:<20} run.step {step:.3f}  fingerprints {prints:.3f}  loader {own:.3f}  fetch {per_step(runs, lambda o: o.clocks.fetch):.3f}  hook share "
+              f"{100 * share[name]:.1f}%")
     base_loops = [o.loop_seconds for o in base]
     spread = max(base_loops) / min(base_loops)
     if spread > 1.05:

@@ -11,15 +11,29 @@ import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import xxhash
 
-# dtypes whose tensors numpy can view without a copy: their bytes are hashed through that view
+_HEADS: dict[tuple[str, torch.dtype, torch.Size], bytes] = {}  # name, dtype, shape -> the digest's header
+
+
+# dtypes numpy can hold: their tensors are hashed through a numpy view, without a copy
 _NUMPY_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.complex64, torch.complex128,
                            torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool})
-_HEADS: dict[tuple[str, torch.dtype, torch.Size], bytes] = {}  # name, dtype, shape -> the digest's header
+
+
+def tensor_bytes(tensor: torch.Tensor) -> Any:
+    """A buffer over the tensor's bytes, which keeps the tensor alive: a numpy view when it can
+    be one (detached, on the CPU, conjugation and negation resolved, contiguous), else a copy
+    (bfloat16 and the like, which numpy cannot hold, as raw bytes)."""
+    if tensor.dtype in _NUMPY_DTYPES:
+        array = tensor.numpy(force=True)
+        return array if array.flags.c_contiguous else np.ascontiguousarray(array)
+    t = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 def tensor_digest(name: str, tensor: torch.Tensor) -> str:
@@ -31,15 +45,7 @@ def tensor_digest(name: str, tensor: torch.Tensor) -> str:
         if len(_HEADS) < 1 << 16:  # per-step digests meet the same few hundred tensors again and again
             _HEADS[key] = head
     h = xxhash.xxh3_128(head)
-    if tensor.dtype in _NUMPY_DTYPES:
-        # detached, on the CPU, conjugation and negation resolved; a view when it can be
-        array = tensor.numpy(force=True)
-        if not array.flags.c_contiguous:
-            array = np.ascontiguousarray(array)
-        h.update(array)  # type: ignore[arg-type]  # an ndarray is a buffer
-    else:  # viewing as bytes works for every dtype, bfloat16 included, which numpy cannot hold
-        t = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous()
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    h.update(tensor_bytes(tensor))
     return h.hexdigest()
 
 

@@ -80,6 +80,10 @@ class _Python:
             return self.inst.getstate()
         return w[0], w[1], w[2], w[313], w[624], self.inst.gauss_next
 
+    def extra(self) -> Any:
+        """What the state holds besides the words: the normal cache."""
+        return self.inst.gauss_next
+
     def snapshot(self, reuse: Any = None) -> Any:
         if self.words is None:
             return self.inst.getstate()
@@ -154,6 +158,10 @@ class _Numpy:
             return self.rs.get_state()
         w = self.words
         return w[624], w[0], w[1], w[312], w[623], self.has_gauss.value, self.gauss.value
+
+    def extra(self) -> Any:
+        """What the state holds besides the words: the normal cache (has_gauss, gauss)."""
+        return self.cache.raw
 
     def snapshot(self, reuse: Any = None) -> Any:
         if not self.fast:

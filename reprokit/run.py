@@ -47,6 +47,7 @@ from reprokit.datadigest import digest_data
 from reprokit.digests import combine_digests, state_digests
 from reprokit.errors import ConfigError, DataError, ReprokitError
 from reprokit.faults import NO_FAULTS, Faults, kill_self
+from reprokit.fingerprints import BatchHasher, grad_digests, loss_bits, stream_digests
 from reprokit.ledger import LedgerEntry
 from reprokit.overrides import Overrides, read_overrides
 from reprokit.rundir import MANIFEST, METRIC_COLUMNS, RunWriter, read_json
@@ -133,17 +134,19 @@ class Run:
         async_save: bool = False, data: Any = None, force: bool = False, progress: bool | None = None,
         steps: int | None = None, callbacks: Sequence[Callback] = (), faults: Faults = NO_FAULTS,
         kind: str = "script", resume: str = "auto", ignore: Collection[str] = (), ledger: bool = True,
-        overrides: bool = True,
+        overrides: bool = True, grad_digest_every: int | None = None,
     ) -> None:
         started = time.perf_counter()
         env = read_overrides() if overrides else Overrides(progress=read_overrides().progress)
         for name, value, low in (("digest_every", digest_every, 0), ("trace_every", trace_every, 0),
-                                 ("checkpoint_every", checkpoint_every, 0), ("keep_last", keep_last, 1)):
+                                 ("checkpoint_every", checkpoint_every, 0), ("keep_last", keep_last, 1),
+                                 ("grad_digest_every", grad_digest_every or 0, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} {value!r} must be an int >= {low}")
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise ConfigError(f"steps {steps!r} must be an int >= 1, or None when the length is unknown")
         digest_every = _pick(env.digest_every, digest_every)
+        grad_every = digest_every if grad_digest_every is None else grad_digest_every
         trace_every = _pick(env.trace_every, trace_every)
         checkpoint_every = _pick(env.checkpoint_every, checkpoint_every)
         path = env.run_dir or run_dir
@@ -161,6 +164,7 @@ class Run:
         self.seeds = seed_everything(self.seed, deterministic=_pick(env.deterministic, deterministic),
                                      threads=_pick(env.threads, threads))
         settings = {"digest_every": digest_every, "trace_every": trace_every,
+                    "grad_digest_every": grad_every,
                     "checkpoint_every": checkpoint_every, "checkpoint_seconds": checkpoint_seconds,
                     "keep_last": keep_last, "async_save": async_save}
         self.config = config
@@ -178,6 +182,15 @@ class Run:
         self._extra_data = digest_data(data) if data is not None else None
         self._described: dict[str, Any] = {}
         self.digest_every, self.trace_every, self.steps = digest_every, trace_every, steps
+        self.grad_digest_every = grad_every
+        # fingerprints of the next step, when it is a recorded one (reprokit.fingerprints)
+        self._fingerprinting = False
+        self._batch_hasher: BatchHasher | None = None
+        self._streams: dict[str, str] | None = None
+        self._grads: dict[str, str] | None = None
+        # seconds inside reprokit's hooks: run.step(), the fingerprints of a loader's yield, the
+        # gradient digests in the optimizer's step pre-hook
+        self.hook_seconds = {"step": 0.0, "yield": 0.0, "update": 0.0}
         self.global_step = self._resumed.meta.step if self._resumed else 0
         self.epoch = self._resumed.meta.epoch if self._resumed else 0
         self.resumed_from = self.global_step if self.resuming else None
@@ -199,6 +212,7 @@ class Run:
         self._state: Any = None  # the TrainState the callbacks see
         self._begun = self._pending = self._in_epochs = self._init_pending = False
         self._init_digests: dict[str, str] | None = None
+        self._init_streams: dict[str, str] | None = None
         self._done = False
         self._stop: int | None = None
         self._last_logged: dict[str, float] = {}
@@ -279,6 +293,13 @@ class Run:
 
     def step(self, loss: Any = None, **metrics: Any) -> None:
         """After each optimizer step: a metrics row, digests, trace, checkpoint when due, kill points."""
+        began = time.perf_counter()
+        try:
+            self._step(loss, metrics)
+        finally:
+            self.hook_seconds["step"] += time.perf_counter() - began
+
+    def _step(self, loss: Any, metrics: Mapping[str, Any]) -> None:
         if not self._begun:
             self._begin()
         if self._pending:
@@ -296,15 +317,18 @@ class Run:
                                "loss": _number("loss", loss) if loss is not None else math.nan}
         self._put_metrics(row, metrics)
         self.digests = None
-        if self.digest_every and step % self.digest_every == 0:
+        if self._fingerprinting:
             self.digests = state_digests(self._digest_view().tensors())
             row["digest"] = combine_digests(self.digests)
         self._files.step(_csv_row(row), self.digests)
+        if self._fingerprinting:
+            self._write_fingerprint(step, row["loss"] if loss is not None else None)
         self._state.step, self._state.digests = step, self.digests
         for cb in self._callbacks:
             cb.on_step_end(self._state)
         if step != self.steps and self._checkpointer.due(step):
             self._checkpointer.save(self._snapshot)
+        self._expect_step()
         if self._bar is None:
             self._bar = _progress_bar(self._progress, self.steps, step - 1, self.path.name)
         self._bar.update()
@@ -426,6 +450,8 @@ class Run:
             # run.log() comes before the first step
             self._init_pending = True
             self._init_digests = state_digests(self._module_state()) if self.digest_every else None
+            self._init_streams = stream_digests() if self.digest_every else None
+            self._expect_step()
             for cb in self._callbacks:
                 cb.on_train_start(self._state)
             return
@@ -437,6 +463,7 @@ class Run:
             saved = self._resumed.state[POSITION_KEY]["loaders"].get(str(ld.index))
             if saved is not None:
                 ld.load_state(saved)
+        self._expect_step()
 
     def _write_init(self, metrics: Mapping[str, Any]) -> None:
         self._init_pending = False
@@ -446,6 +473,42 @@ class Run:
         if self.digests is not None:
             row["digest"] = combine_digests(self.digests)
         self._files.step(_csv_row(row), self.digests)
+        if self._init_streams is not None:
+            self._files.fingerprint({"step": 0, **self._init_streams}, None)
+
+    # --- fingerprints (reprokit.fingerprints) -------------------------------------------------
+    def _expect_step(self) -> None:
+        """After a step (or the start): is the next one recorded? Then gather what goes into it."""
+        upcoming = self.global_step + 1
+        self._fingerprinting = bool(self.digest_every) and upcoming % self.digest_every == 0
+        self._batch_hasher, self._streams, self._grads = None, None, None
+        if self._fingerprinting and not self._loaders:  # no loader yield will say: now, then
+            self._streams = stream_digests()
+
+    def _yielded(self, loader: int, indices: list[int], batch: Any) -> None:
+        """A run.loader batch on its way to the next (recorded) step."""
+        began = time.perf_counter()
+        if self._batch_hasher is None:
+            self._batch_hasher = BatchHasher()
+        self._batch_hasher.add(loader, indices, batch)
+        self._streams = stream_digests()  # the last yield before the step wins: the forward is next
+        self.hook_seconds["yield"] += time.perf_counter() - began
+
+    def _grads_due(self) -> bool:
+        every = self.grad_digest_every
+        return self._fingerprinting and bool(every) and (self.global_step + 1) % every == 0
+
+    def _write_fingerprint(self, step: int, loss: float | None) -> None:
+        if self._grads is None and self._grads_due():  # no tracked optimizer's pre-hook took them
+            self._grads = grad_digests(self._digest_view().parameters())
+        indices, batch = self._batch_hasher.digests() if self._batch_hasher is not None else ("", "")
+        streams = self._streams if self._streams is not None else stream_digests()
+        grads = self._grads
+        self._files.fingerprint({
+            "step": step, "indices": indices, "batch": batch, **streams,
+            "loss": loss_bits(loss) if loss is not None else "",
+            "grads": combine_digests(grads) if grads else "",
+        }, grads)
 
     def _put_metrics(self, row: dict[str, Any], metrics: Mapping[str, Any]) -> None:
         """The columns metrics.csv has (val_loss, ...) go there, the rest into its ``metrics`` JSON."""
@@ -488,6 +551,8 @@ class Run:
             cb.load_state_dict(states.get(key))
             cb.on_train_start(self._state)
         self._pending = False
+        if self._fingerprinting and not self._loaders:  # the streams as restored go into the next step
+            self._streams = stream_digests()
 
     @property
     def _files(self) -> RunWriter:
@@ -553,6 +618,10 @@ class Run:
 
     def _before_update(self, *_: Any) -> None:
         self._checkpointer.before_update()  # an async save may still be copying the weights
+        if self._grads is None and self._begun and self._grads_due():  # the gradients, complete
+            began = time.perf_counter()
+            self._grads = grad_digests(self._digest_view().parameters())
+            self.hook_seconds["update"] += time.perf_counter() - began
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self._stop is not None or self._done:  # a second Ctrl-C: the usual KeyboardInterrupt

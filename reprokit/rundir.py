@@ -30,6 +30,7 @@ import torch
 import xxhash
 
 from reprokit.errors import ReprokitError
+from reprokit.fingerprints import FINGERPRINT_COLUMNS, FINGERPRINTS, GRAD_COLUMNS, GRADS
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.csv"
@@ -112,6 +113,9 @@ class RunWriter:
         self._metrics_file, self._metrics = _csv(self.path / METRICS, METRIC_COLUMNS, truncate_to)
         self._digests_file, self._digests = _csv(self.path / DIGESTS, DIGEST_COLUMNS, truncate_to)
         self._digest_names: dict[str, str] = {}  # tensor name -> its csv field
+        self._fingerprints_file, self._fingerprints = _csv(self.path / FINGERPRINTS, FINGERPRINT_COLUMNS,
+                                                           truncate_to)
+        self._grads_file, _ = _csv(self.path / GRADS, GRAD_COLUMNS, truncate_to)
 
     def manifest_digest(self) -> str:
         return self._manifest_digest
@@ -125,7 +129,7 @@ class RunWriter:
         """Flush and fsync the append-only files; return their byte lengths (a checkpoint keeps
         them, so a resume can drop the rows written after it)."""
         sizes = {}
-        for f in (self._metrics_file, self._digests_file):
+        for f in self._files():
             f.flush()
             os.fsync(f.fileno())
             sizes[Path(f.name).name] = f.tell()
@@ -133,17 +137,26 @@ class RunWriter:
 
     def step(self, row: Mapping[str, Any], tensor_digests: Mapping[str, str] | None) -> None:
         if tensor_digests:
-            step, names = row["step"], self._digest_names
-            lines = []
-            for name, digest in tensor_digests.items():
-                quoted = names.get(name)
-                if quoted is None:  # what csv.writer writes for the name (quoted if it must be)
-                    quoted = names[name] = _csv_field(name)
-                lines.append(f"{step},{quoted},{digest}\r\n")
-            self._digests_file.write("".join(lines))
-            self._digests_file.flush()
+            self._digest_rows(self._digests_file, row["step"], tensor_digests)
         self._metrics.writerow([row.get(c, "") for c in METRIC_COLUMNS])
         self._metrics_file.flush()
+
+    def fingerprint(self, row: Mapping[str, Any], grads: Mapping[str, str] | None) -> None:
+        """A step's fingerprints (``reprokit.fingerprints``), and its per-tensor gradient digests."""
+        if grads:
+            self._digest_rows(self._grads_file, row["step"], grads)
+        self._fingerprints.writerow([row.get(c, "") for c in FINGERPRINT_COLUMNS])
+        self._fingerprints_file.flush()
+
+    def _digest_rows(self, file: IO[str], step: int, digests: Mapping[str, str]) -> None:
+        names, lines = self._digest_names, []
+        for name, digest in digests.items():
+            quoted = names.get(name)
+            if quoted is None:  # what csv.writer writes for the name (quoted if it must be)
+                quoted = names[name] = _csv_field(name)
+            lines.append(f"{step},{quoted},{digest}\r\n")
+        file.write("".join(lines))
+        file.flush()
 
     def finish(self, state: Mapping[str, torch.Tensor], result: Mapping[str, Any]) -> None:
         self.close()
@@ -157,9 +170,12 @@ class RunWriter:
         atomic_write_bytes(self.path / WEIGHTS, safetensors.torch.save(dict(state), metadata=header))
         atomic_write_json(self.path / RESULT, result)
 
+    def _files(self) -> tuple[IO[str], ...]:
+        return self._metrics_file, self._digests_file, self._fingerprints_file, self._grads_file
+
     def close(self) -> None:
-        self._metrics_file.close()
-        self._digests_file.close()
+        for f in self._files():
+            f.close()
 
 
 def _csv_field(value: str) -> str:
@@ -224,6 +240,27 @@ def read_digests(run_dir: str | Path) -> list[tuple[int, dict[str, str]]]:
         (int(cast(int, step)), dict(zip(group["tensor"], group["digest"], strict=True)))
         for step, group in frame.groupby("step", sort=True)
     ]
+
+
+def read_grads(run_dir: str | Path) -> list[tuple[int, dict[str, str]]]:
+    """grads.csv as ``[(step, {tensor: digest})]`` (empty for a run recorded without it)."""
+    path = Path(run_dir) / GRADS
+    if not path.is_file():
+        return []
+    frame = pd.read_csv(path, dtype={"tensor": str, "digest": str})
+    return [(int(cast(int, step)), dict(zip(group["tensor"], group["digest"], strict=True)))
+            for step, group in frame.groupby("step", sort=True)]
+
+
+def read_fingerprints(run_dir: str | Path) -> pd.DataFrame:
+    """fingerprints.csv, one row per recorded step, every digest a string ("" = not taken); an
+    empty frame with those columns for a run recorded before fingerprints existed."""
+    path = Path(run_dir) / FINGERPRINTS
+    if not path.is_file():
+        return pd.DataFrame(columns=list(FINGERPRINT_COLUMNS))
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame["step"] = frame["step"].astype(int)
+    return frame
 
 
 def read_model(run_dir: str | Path) -> dict[str, torch.Tensor]:

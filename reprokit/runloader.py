@@ -154,6 +154,7 @@ class _PassSampler(Sampler[list[tuple[int, int]]]):
     def __init__(self, size: int, batch_size: int, shuffle: bool, drop_last: bool) -> None:
         self.size, self.batch_size, self.shuffle, self.drop_last = size, batch_size, shuffle, drop_last
         self.pass_seed, self.start = 0, 0
+        self.order: list[int] = []
 
     def batches(self) -> int:
         full, rest = divmod(self.size, self.batch_size)
@@ -162,12 +163,17 @@ class _PassSampler(Sampler[list[tuple[int, int]]]):
     def __len__(self) -> int:
         return self.batches() - self.start
 
+    def indices(self, batch: int) -> list[int]:
+        """The sample indices of batch ``batch`` of the pass being iterated."""
+        return self.order[batch * self.batch_size : (batch + 1) * self.batch_size]
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.pass_seed)
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))
+        self.order = order
         seed, bs = self.pass_seed, self.batch_size
         for b in range(self.start, self.batches()):
             yield [(seed, i) for i in order[b * bs : (b + 1) * bs]]
@@ -239,9 +245,12 @@ class RunLoader:
         return self._batches(iterator)
 
     def _batches(self, iterator: Iterator[Any]) -> Iterator[Any]:
+        owner = self._owner
         for batch in iterator:
-            if self._owner.at_end:  # the run took its steps (Run(steps=...)): the epoch ends here
+            if owner.at_end:  # the run took its steps (Run(steps=...)): the epoch ends here
                 break
+            if owner._fingerprinting:  # the next step is a recorded one: what goes into it
+                owner._yielded(self.index, self._sampler.indices(self.batch), batch)
             self.batch += 1
             yield batch
         self.active = False

@@ -78,6 +78,21 @@ class StateView:
             self._stale = True
             return self.tensors()
 
+    def parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters among ``tensors()`` (what has a ``.grad``), under the same names."""
+        if self._stale:
+            self._plan, self._stale = self._build(), False
+        if self._plan is not None:
+            try:
+                return {name: holder[key] for name, holder, key in self._plan
+                        if isinstance(holder[key], nn.Parameter)}
+            except KeyError:
+                self._stale = True
+                return self.parameters()
+        several = len(self._modules) > 1
+        return {(f"{name}.{k}" if several else k): p for name, m in self._modules.items()
+                for k, p in m.named_parameters(remove_duplicate=False)}
+
     def _state_dict(self) -> dict[str, torch.Tensor]:
         if len(self._modules) == 1:
             return dict(next(iter(self._modules.values())).state_dict())

@@ -55,7 +55,7 @@ def _steps_written(run_dir: Path) -> int:
 
 def _assert_same_run(run_dir: Path, reference: Path) -> None:
     assert _digest(run_dir) == _digest(reference)
-    for name in ("metrics.csv", "digests.csv", "trace.csv"):
+    for name in ("metrics.csv", "digests.csv", "trace.csv", "fingerprints.csv", "grads.csv"):
         assert (run_dir / name).read_bytes() == (reference / name).read_bytes(), name
 
 

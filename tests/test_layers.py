@@ -8,9 +8,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "reprokit"
 # the primitives know nothing of TrainConfig, the registries or the bundled data
 LAYERS: dict[int, set[str]] = {
-    0: {"errors", "seeding", "globalrng", "stateview", "digests", "rundir", "ledger", "faults", "trace",
-        "flatsums", "flatkernels", "checkpoint", "checkpointer", "tensorfile", "directio", "fsio",
-        "provenance", "overrides", "entrypoint", "datadigest", "callbacks", "differences"},
+    0: {"errors", "seeding", "globalrng", "stateview", "fingerprints", "digests", "rundir", "ledger",
+        "faults", "trace", "flatsums", "flatkernels", "checkpoint", "checkpointer", "tensorfile",
+        "directio", "fsio", "provenance", "checkout", "overrides", "entrypoint", "datadigest",
+        "callbacks", "differences"},
     1: {"run", "runloader", "runresume"},
     2: {"config", "data", "models", "trainer", "resumer", "finetuning", "transfer", "audit", "compare",
         "reproduction", "recovery", "relaunch", "scriptruns", "factories"},

@@ -86,7 +86,7 @@ def test_relaunch_resumes_bit_exact(tmp_path: Path, stop_after: int) -> None:
     assert ref is not None and resumed is not None
     assert resumed.final_digest == ref.final_digest
     assert resumed.resumed_from_step == stop_after // 3 * 3
-    for name in ("metrics.csv", "digests.csv", "trace.csv"):
+    for name in ("metrics.csv", "digests.csv", "trace.csv", "fingerprints.csv", "grads.csv"):
         assert (tmp_path / "x" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
 
 
@@ -321,3 +321,39 @@ def test_streams_first_drawn_mid_epoch_are_seeded_as_if_from_the_start(tmp_path:
             np.random.seed(seed), torch.manual_seed(seed)
             expected = _SometimesDraws()[i]
             assert torch.equal(row, expected), (i, row, expected)
+
+
+def test_fingerprints_record_what_went_into_each_step(tmp_path: Path) -> None:
+    """fingerprints.csv: step 0 holds the streams at the start; every step the batch's indices and
+    bytes, each stream before the forward pass, the loss bits and one digest over grads.csv's
+    per-tensor gradients; two runs agree on every cell, and a planted change shows where it is."""
+    from reprokit.fingerprints import loss_bits
+    from reprokit.rundir import read_fingerprints, read_grads
+
+    a, b = _loop(tmp_path / "a"), _loop(tmp_path / "b")
+    assert a is not None and b is not None
+    fa, fb = read_fingerprints(tmp_path / "a"), read_fingerprints(tmp_path / "b")
+    assert fa.equals(fb) and list(fa["step"]) == list(range(13))
+    first, step = fa.iloc[0], fa.iloc[1]
+    assert first["indices"] == "" and first["torch"] != "" and first["loss"] == ""
+    assert all(step[c] != "" for c in ("indices", "batch", "python", "numpy", "torch", "loss", "grads"))
+    losses = read_metrics(tmp_path / "a").query("kind == 'step'")["loss"].tolist()
+    assert fa["loss"].iloc[1:].tolist() == [loss_bits(v) for v in losses]
+    grads = read_grads(tmp_path / "a")
+    assert [s for s, _ in grads] == list(range(1, 13))
+    assert set(grads[0][1]) == {"0.weight", "0.bias", "3.weight", "3.bias"}
+    assert len(set(fa["indices"].iloc[1:])) == 12  # each step its own batch
+    # nothing draws between the start and step 1's forward (the fetch puts the streams back);
+    # dropout moves torch's stream at every step after
+    assert fa["torch"].iloc[0] == fa["torch"].iloc[1] and len(set(fa["torch"].iloc[1:])) == 12
+
+
+def test_batch_digest_is_order_aware() -> None:
+    """Two batches holding the same rows in another order digest differently (an XOR would not)."""
+    from reprokit.fingerprints import BatchHasher
+
+    x = torch.arange(12.0).reshape(4, 3)
+    one, two = BatchHasher(), BatchHasher()
+    one.add(0, [0, 1, 2, 3], (x, torch.arange(4)))
+    two.add(0, [0, 1, 2, 3], (x[[1, 0, 2, 3]], torch.arange(4)[[1, 0, 2, 3]]))
+    assert one.digests()[0] == two.digests()[0] and one.digests()[1] != two.digests()[1]
