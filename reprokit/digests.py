@@ -7,33 +7,38 @@ not the point here; telling two honest runs apart is.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import xxhash
 
 _HEADS: dict[tuple[str, torch.dtype, torch.Size], bytes] = {}  # name, dtype, shape -> the digest's header
 
 
-# dtypes numpy can hold: their tensors are hashed through a numpy view, without a copy
-_NUMPY_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.complex64, torch.complex128,
-                           torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool})
+_CHARS: dict[int, Any] = {}  # byte count -> a ctypes char array type of that size
 
 
-def tensor_bytes(tensor: torch.Tensor) -> Any:
-    """A buffer over the tensor's bytes, which keeps the tensor alive: a numpy view when it can
-    be one (detached, on the CPU, conjugation and negation resolved, contiguous), else a copy
-    (bfloat16 and the like, which numpy cannot hold, as raw bytes)."""
-    if tensor.dtype in _NUMPY_DTYPES:
-        array = tensor.numpy(force=True)
-        return array if array.flags.c_contiguous else np.ascontiguousarray(array)
-    t = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy()
+def update_with_tensor(h: Any, tensor: torch.Tensor) -> None:
+    """Feed the tensor's bytes to the hasher ``h``. A CPU tensor laid out plainly (strided,
+    contiguous, no conjugate or negative bit) is read where it lies, through a ctypes array at its
+    address, while ``tensor`` (this call's argument) keeps that memory alive: cheaper than
+    ``.numpy()``, which builds a detached tensor and an array each time. Anything else is first
+    made into such a tensor (bfloat16 included: bytes are bytes)."""
+    t = tensor
+    if not (t.layout is torch.strided and t.device.type == "cpu" and t.is_contiguous()
+            and not t.is_conj() and not t.is_neg()):
+        t = t.detach().cpu().resolve_conj().resolve_neg().contiguous()
+    size = t.numel() * t.element_size()
+    if size:
+        chars = _CHARS.get(size)
+        if chars is None:
+            chars = _CHARS[size] = ctypes.c_char * size
+        h.update(chars.from_address(t.data_ptr()))
 
 
 def tensor_digest(name: str, tensor: torch.Tensor) -> str:
@@ -45,7 +50,7 @@ def tensor_digest(name: str, tensor: torch.Tensor) -> str:
         if len(_HEADS) < 1 << 16:  # per-step digests meet the same few hundred tensors again and again
             _HEADS[key] = head
     h = xxhash.xxh3_128(head)
-    h.update(tensor_bytes(tensor))
+    update_with_tensor(h, tensor)
     return h.hexdigest()
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import xxhash
 
-from reprokit.digests import tensor_bytes, tensor_digest
+from reprokit.digests import tensor_digest, update_with_tensor
 from reprokit.globalrng import global_streams
 
 FINGERPRINTS = "fingerprints.csv"
@@ -44,7 +44,7 @@ def _feed(h: Any, value: Any) -> None:
     """``value``'s content into the hasher, in order, with its types and shapes."""
     if isinstance(value, torch.Tensor):
         h.update(f"T{value.dtype}{tuple(value.shape)}".encode())
-        h.update(tensor_bytes(value))
+        update_with_tensor(h, value)
     elif isinstance(value, np.ndarray):
         h.update(f"A{value.dtype}{value.shape}".encode())
         h.update(np.ascontiguousarray(value).data)
@@ -96,15 +96,21 @@ def stream_digests() -> dict[str, str]:
     state = torch.default_generator.get_state()
     out = {"python": xxhash.xxh3_64_hexdigest(repr(streams.python.fingerprint()).encode()),
            "numpy": xxhash.xxh3_64_hexdigest(repr(streams.numpy.fingerprint()).encode()),
-           "torch": xxhash.xxh3_64_hexdigest(tensor_bytes(state))}
+           "torch": _digest64(state)}
     if torch.cuda.is_initialized():
         h = xxhash.xxh3_64()
         for state in torch.cuda.get_rng_state_all():
-            h.update(tensor_bytes(state))
+            update_with_tensor(h, state)
         out["cuda"] = h.hexdigest()
     else:
         out["cuda"] = ""
     return out
+
+
+def _digest64(tensor: torch.Tensor) -> str:
+    h = xxhash.xxh3_64()
+    update_with_tensor(h, tensor)
+    return h.hexdigest()
 
 
 def loss_bits(value: float) -> str:
