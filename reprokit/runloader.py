@@ -167,14 +167,19 @@ class _PassSampler(Sampler[list[tuple[int, int]]]):
         """The sample indices of batch ``batch`` of the pass being iterated."""
         return self.order[batch * self.batch_size : (batch + 1) * self.batch_size]
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def begin_pass(self) -> torch.Tensor:
+        """The pass's order (from ``pass_seed``), kept for ``indices``; returned as a tensor."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.pass_seed)
-            order = torch.randperm(self.size, generator=g).tolist()
+            order = torch.randperm(self.size, generator=g)
         else:
-            order = list(range(self.size))
-        self.order = order
-        seed, bs = self.pass_seed, self.batch_size
+            order = torch.arange(self.size)
+        self.order = order.tolist()
+        return order
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        self.begin_pass()
+        order, seed, bs = self.order, self.pass_seed, self.batch_size
         for b in range(self.start, self.batches()):
             yield [(seed, i) for i in order[b * bs : (b + 1) * bs]]
 
@@ -197,6 +202,8 @@ class RunLoader:
             seeded.gather, options = True, {**options, "collate_fn": _collated}
         self._loader: DataLoader[Any] = DataLoader(
             seeded, batch_sampler=self._sampler, generator=self._generator, **options)
+        # a gathered TensorDataset fetched in this process needs none of DataLoader's machinery
+        self._direct = seeded.gather and not self.num_workers and not options.get("pin_memory")
         # position: the epoch and pass of the latest iteration, and batches it has yielded
         self.epoch, self.passes, self.batch, self.active = -1, 0, 0, False
         self._resume_at: tuple[int, int, int] | None = None  # (epoch, pass, batch) of a resumed run
@@ -235,7 +242,7 @@ class RunLoader:
         pass_seed = derive_seed(self._owner.seed, "loader", self.index, epoch, this_pass)
         self._sampler.pass_seed, self._sampler.start = pass_seed, start
         self._generator.manual_seed(pass_seed)
-        iterator = iter(self._loader)
+        iterator = self._gathered(start) if self._direct else iter(self._loader)
         self.batch, self.active = start, True
         if resuming:
             # the rest of the state goes back only now: whatever the script did since the epoch
@@ -243,6 +250,16 @@ class RunLoader:
             # checkpoint in the uninterrupted run too
             self._owner._restore_now()
         return self._batches(iterator)
+
+    def _gathered(self, start: int) -> Iterator[Any]:
+        """What the DataLoader yields for a TensorDataset with the default collate and no workers
+        (one gather per tensor a batch, the same bits), without its fetcher and sampler protocol."""
+        assert isinstance(self.dataset, TensorDataset)
+        tensors, bs = self.dataset.tensors, self.batch_size
+        order = self._sampler.begin_pass()
+        for b in range(start, self._sampler.batches()):
+            index = order[b * bs : (b + 1) * bs]
+            yield [t[index] for t in tensors]
 
     def _batches(self, iterator: Iterator[Any]) -> Iterator[Any]:
         owner = self._owner
