@@ -1,10 +1,11 @@
-"""Determinism audit: rerun a config or a user's command over seeds, repeats and factors; say what
-changes the bits.
+"""Determinism audit: rerun a config, a user's command or a user's training function over seeds,
+repeats and factors; say what changes the bits.
 
 The reference run of a seed has every factor at its base value (a config's own; for a command,
 the first value listed for each factor), repeat 0. Every other run of that seed is compared with
 it by final digest, largest parameter difference and the first step and tensors at which their
-per-step digests part. A command runs as a subprocess per run (:mod:`reprokit.scriptruns`).
+per-step digests part. A command, or a function, runs as a subprocess per run
+(:mod:`reprokit.scriptruns`).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from reprokit.errors import ConfigError
 from reprokit.scriptruns import (
     DEFAULT_TIMEOUT,
     ScriptRun,
-    check_command,
     command_env,
     factor_variable,
+    resolve_command,
     run_command,
 )
 from reprokit.trainer import RunResult, show_progress, train
@@ -62,7 +63,7 @@ class _Job:
 
 
 def audit_determinism(
-    target: TrainConfig | Sequence[str],
+    target: TrainConfig | Sequence[str] | str | Callable[[], object],
     seeds: Sequence[int],
     repeats: int = 2,
     vary: Mapping[str, Sequence[Any]] | None = None,
@@ -77,13 +78,15 @@ def audit_determinism(
 
     Args:
         target: the base run: a :class:`TrainConfig` (each factor's base value is the config's own),
-            or a command such as ``[sys.executable, "train.py", "--epochs", "1"]`` whose script
-            uses :class:`reprokit.Run` (each factor's base value is the first one listed).
+            a command such as ``[sys.executable, "train.py", "--epochs", "1"]`` whose script
+            uses :class:`reprokit.Run` (each factor's base value is the first one listed), or a
+            training function that uses it, as ``"mypkg.train:main"`` or the function itself,
+            called with no arguments in a fresh ``python -c`` process per run, as a command is.
         seeds: training seeds to study.
         repeats: runs per (seed, factor combination), at least 1 (2 to test repeatability).
         vary: factor -> values to try, e.g. ``{"threads": [1, 2]}``; all combinations run. A config
-            varies any field but the seed; a command ``threads``, ``deterministic`` and
-            ``num_workers``, passed as ``REPROKIT_THREADS`` etc.
+            varies any field but the seed; a command or function ``threads``, ``deterministic``
+            and ``num_workers``, passed as ``REPROKIT_THREADS`` etc.
         vary_seeds: the seeds on which the ``vary`` combinations run (default: all); the other
             seeds run the base settings only, which keeps a many-seed variance study affordable.
         jobs: runs at once; results do not depend on it (each run pins its own threads).
@@ -98,14 +101,14 @@ def audit_determinism(
         ``diverged_step`` and ``diverged_tensors`` (where the per-step digests first part),
         ``seconds`` and ``losses`` (the per-step loss curve).
     """
-    config = target if isinstance(target, TrainConfig) else None
-    command = check_command(target) if config is None else None
-    jobs_list = _plan(config, seeds, repeats, vary or {}, vary_seeds)
-    threads = [j.threads for j in jobs_list]
-    if config is not None:
-        calls = [partial(_run_one, config.replace(seed=j.seed, **dict(j.factors))) for j in jobs_list]
+    if isinstance(target, TrainConfig):
+        jobs_list = _plan(target, seeds, repeats, vary or {}, vary_seeds)
+        calls = [partial(_run_one, target.replace(seed=j.seed, **dict(j.factors))) for j in jobs_list]
+        threads = [j.threads for j in jobs_list]
         return _table(jobs_list, _run_all(calls, threads, jobs, progress, _spawn_pool))
-    assert command is not None
+    command = resolve_command(target)  # a bad function is refused before any run starts
+    jobs_list = _plan(None, seeds, repeats, vary or {}, vary_seeds)
+    threads = [j.threads for j in jobs_list]
     with tempfile.TemporaryDirectory(prefix="reprokit-audit-") as scratch:
         root = Path(work_dir if work_dir is not None else scratch)
         root.mkdir(parents=True, exist_ok=True)
@@ -147,35 +150,13 @@ def _plan(
     vary_seeds: Sequence[int] | None = None,
 ) -> list[_Job]:
     """The runs, each seed's reference first; ``config`` None plans a command's runs."""
-    if not seeds:
-        raise ConfigError("seeds is empty; pass at least one seed, e.g. seeds=[0, 1, 2]")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"seeds {list(seeds)} has duplicates; pass each seed once")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ConfigError(f"repeats {repeats!r} must be an int >= 1; pass e.g. repeats=2")
-    fields = set(config.to_dict()) if config is not None else set()
-    for name, values in vary.items():
-        if config is None:
-            factor_variable(name)  # refuses a factor a command cannot vary, naming those it can
-        elif name not in fields or name == "seed":
-            raise ConfigError(
-                f"cannot vary {name!r}; vary config fields other than seed, e.g. {list(FACTORS)}"
-            )
-        if isinstance(values, str) or not isinstance(values, Iterable) or not list(values):
-            raise ConfigError(f"vary[{name!r}] = {values!r} must be a non-empty list of values")
-    if vary_seeds is not None and not set(vary_seeds) <= set(seeds):
-        raise ConfigError(
-            f"vary_seeds {sorted(set(vary_seeds) - set(seeds))} are not among seeds {list(seeds)}; "
-            "pass a subset of seeds"
-        )
+    _check_runs(seeds, repeats, vary_seeds)
+    _check_vary(config, vary)
     names = list(vary)
-    if config is None:
-        base = tuple(next(iter(vary[n])) for n in names)
-    else:
-        if config.threads is None:
-            # pin what this process uses, so runs in fresh worker processes use the same count
-            config = config.replace(threads=torch.get_num_threads())
-        base = tuple(getattr(config, n) for n in names)
+    if config is not None and config.threads is None:
+        # pin what this process uses, so runs in fresh worker processes use the same count
+        config = config.replace(threads=torch.get_num_threads())
+    base = tuple(next(iter(vary[n])) if config is None else getattr(config, n) for n in names)
     # the base combination first, so each seed's reference run is planned before the others
     combos = [base] + [c for c in itertools.product(*(list(vary[n]) for n in names)) if c != base]
     jobs = [
@@ -188,6 +169,33 @@ def _plan(
         for job in jobs:  # a bad value is refused now, not in the middle of the audit
             config.replace(seed=job.seed, **dict(job.factors))
     return jobs
+
+
+def _check_runs(seeds: Sequence[int], repeats: int, vary_seeds: Sequence[int] | None) -> None:
+    if not seeds:
+        raise ConfigError("seeds is empty; pass at least one seed, e.g. seeds=[0, 1, 2]")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds {list(seeds)} has duplicates; pass each seed once")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"repeats {repeats!r} must be an int >= 1; pass e.g. repeats=2")
+    if vary_seeds is not None and not set(vary_seeds) <= set(seeds):
+        raise ConfigError(
+            f"vary_seeds {sorted(set(vary_seeds) - set(seeds))} are not among seeds {list(seeds)}; "
+            "pass a subset of seeds"
+        )
+
+
+def _check_vary(config: TrainConfig | None, vary: Mapping[str, Sequence[Any]]) -> None:
+    fields = set(config.to_dict()) if config is not None else set()
+    for name, values in vary.items():
+        if config is None:
+            factor_variable(name)  # refuses a factor a command cannot vary, naming those it can
+        elif name not in fields or name == "seed":
+            raise ConfigError(
+                f"cannot vary {name!r}; vary config fields other than seed, e.g. {list(FACTORS)}"
+            )
+        if isinstance(values, str) or not isinstance(values, Iterable) or not list(values):
+            raise ConfigError(f"vary[{name!r}] = {values!r} must be a non-empty list of values")
 
 
 def _spawn_pool(workers: int) -> Executor:

@@ -181,13 +181,16 @@ def _audit(args: argparse.Namespace) -> int:
 
     from reprokit.audit import audit_determinism, determinism_verdict
     from reprokit.config import TrainConfig
+    from reprokit.scriptruns import function_command
 
     command = list(args.train_command)
     if command[:1] == ["--"]:
         command = command[1:]
-    if bool(command) == bool(args.config):
-        raise ConfigError("pass either --config CFG or a command after --, e.g. "
-                          "`reprokit audit --vary threads=1,2 -- python train.py`")
+    if [bool(command), bool(args.config), bool(args.function)].count(True) != 1:
+        raise ConfigError("pass one of --config CFG, --function MODULE:FUNCTION or a command after --, "
+                          "e.g. `reprokit audit --vary threads=1,2 -- python train.py`")
+    if args.function:
+        command = function_command(args.function)  # refuses a bad MODULE:FUNCTION, naming it
     target: TrainConfig | list[str] = TrainConfig.from_file(args.config) if args.config else command
     vary = dict(_factor(text) for text in args.vary)
     audit = audit_determinism(target, args.seeds, args.repeats, vary, jobs=args.jobs, work_dir=args.work_dir,
@@ -303,6 +306,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="rerun a config or a command over seeds, repeats and factors; which "
                        "change the bits? (exit 0 if every repeat is bitwise identical, 1 if not)")
     p.add_argument("--config", help="a .yaml or .json TrainConfig (or give a command after --)")
+    p.add_argument("--function", metavar="MODULE:FUNCTION", help="a training function that uses "
+                   "reprokit.Run, e.g. mypkg.train:main, called with no arguments in a fresh process per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S", help="seeds (default: 0)")
     p.add_argument("--repeats", type=int, default=2, metavar="N", help="runs per setting (default 2)")
     p.add_argument("--vary", action="append", default=[], metavar="NAME=V1,V2",

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +40,9 @@ from reprokit.rundir import MANIFEST, METRICS, read_json, read_metrics
 from reprokit.scriptruns import (
     DEFAULT_TIMEOUT,
     ScriptRun,
-    check_command,
     command_env,
     kill_command,
+    resolve_command,
     run_command,
 )
 from reprokit.trainer import RunResult, train, verify_builtin
@@ -131,7 +131,7 @@ def _kill_from_outside(proc: subprocess.Popen[str], run_dir: Path, config: Train
 
 
 def fault_matrix(
-    target: TrainConfig | Sequence[str],
+    target: TrainConfig | Sequence[str] | str | Callable[[], object],
     kill_points: Sequence[KillPoint],
     work_dir: str | Path,
     *,
@@ -144,10 +144,11 @@ def fault_matrix(
     Args:
         target: the run: a :class:`TrainConfig` (needs ``checkpoint_every`` or
             ``checkpoint_seconds``), or the command of a script that uses :class:`reprokit.Run` and
-            saves checkpoints. A command is killed through ``REPROKIT_CRASH_AT_STEP`` /
-            ``REPROKIT_CRASH_DURING_SAVE``, or from outside once metrics.csv shows the kill point's
-            step (an external point's step, or one drawn at random when it is 0), and resumed by
-            relaunching it unchanged.
+            saves checkpoints, or such a training function (``"mypkg.train:main"`` or the function
+            itself), run as a ``python -c`` command. A command is killed through
+            ``REPROKIT_CRASH_AT_STEP`` / ``REPROKIT_CRASH_DURING_SAVE``, or from outside once
+            metrics.csv shows the kill point's step (an external point's step, or one drawn at
+            random when it is 0), and resumed by relaunching it unchanged.
         kill_points: where to kill.
         work_dir: a directory for the reference and the killed runs.
         resume_threads: resume every killed run once per entry; ``None`` resumes as the run started,
@@ -160,7 +161,7 @@ def fault_matrix(
         command's ``resume_latency_s`` is NaN: the relaunch's start-up is the script's own.
     """
     if not isinstance(target, TrainConfig):
-        command = check_command(target)
+        command = resolve_command(target)
         return _command_matrix(command, kill_points, Path(work_dir), resume_threads, jobs, timeout)
     from reprokit.resumer import resume  # resume imports train; kept local so train can import us
 

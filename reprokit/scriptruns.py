@@ -5,19 +5,23 @@ The harnesses (the audit, the fault matrix) start a user's training script as it
 ``REPROKIT_RUN_DIR``, the seed and the varied factors set through the variables of
 :mod:`reprokit.overrides`, and read the finished run (result.json, digests.csv, model.pt,
 metrics.csv) into a :class:`ScriptRun`, which has the fields they read from a built-in run's
-:class:`~reprokit.trainer.RunResult`.
+:class:`~reprokit.trainer.RunResult`. A user's training function runs the same way, as the command
+:func:`function_command` builds for it.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib
 import os
+import re
 import shlex
 import signal
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -34,6 +38,7 @@ FACTOR_VARIABLES = {"threads": "REPROKIT_THREADS", "deterministic": "REPROKIT_DE
                     "num_workers": "REPROKIT_NUM_WORKERS"}
 DEFAULT_TIMEOUT = 600.0  # seconds a run may take before it is stopped and reported
 _TAIL = 12  # lines of a failed command's stderr put in the error
+_FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # "module:function"
 
 
 class ScriptRunError(ReprokitError):
@@ -82,15 +87,95 @@ def read_script_run(run_dir: str | Path) -> ScriptRun:
                      seeding.get("threads"))
 
 
+def resolve_command(target: Sequence[str] | str | Callable[[], object]) -> list[str]:
+    """The command that runs ``target``: a command as it is, a function (``"module:function"`` or
+    an importable callable) as :func:`function_command` starts it."""
+    if callable(target) or (isinstance(target, str) and _FUNCTION.fullmatch(target)):
+        return function_command(target)
+    return check_command(target)
+
+
 def check_command(command: Any) -> list[str]:
     """``command`` as a list of strings, or :class:`ConfigError` saying how to pass it."""
     if isinstance(command, str):
         raise ConfigError(f"command {command!r} is a string; pass a list of arguments, e.g. "
-                          f"shlex.split({command!r})")
+                          f"shlex.split({command!r}), or a function as 'module:function'")
     if not isinstance(command, Sequence) or not command or not all(isinstance(a, str) for a in command):
         raise ConfigError(f"command {command!r} must be a non-empty list of strings, e.g. "
                           "[sys.executable, 'train.py', '--epochs', '1']")
     return list(command)
+
+
+def function_command(function: str | Callable[[], object]) -> list[str]:
+    """``[sys.executable, "-c", CODE]``: a fresh interpreter that imports ``function`` and calls it
+    with no arguments, so a training function runs under the environment contract as a script does.
+
+    ``function`` is ``"module:qualname"`` or a callable whose ``__module__`` and ``__qualname__``
+    import it. It is imported here, so an unknown module, a missing attribute or a value that is
+    not callable is a :class:`ConfigError` before any run starts. The directory it was imported
+    from goes first on the child's ``sys.path`` (as a script's directory does) unless already there.
+    """
+    spec = _function_spec(function)
+    module_name, _, qualname = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"function {spec!r}: cannot import module {module_name!r} ({e}); pass "
+                          "'module:function' with a module importable from this process's sys.path") from e
+    value: Any = module
+    for part in qualname.split("."):
+        if not hasattr(value, part):
+            raise ConfigError(f"function {spec!r}: {module_name!r} has no attribute {qualname!r}; "
+                              f"pass the name of a function defined in {module_name!r}")
+        value = getattr(value, part)
+    if not callable(value):
+        raise ConfigError(f"function {spec!r} is {value!r}, which is not callable; pass a function "
+                          "that takes no arguments and trains with reprokit.Run")
+    if callable(function) and value is not function and value != function:  # a classmethod binds anew
+        raise ConfigError(f"function {spec!r} imports as another object than the one passed; pass "
+                          "the module-level function itself, or 'module:function'")
+    root = _import_root(module)
+    code = ("import importlib, sys\n"
+            + (f"if {root!r} not in sys.path: sys.path.insert(0, {root!r})\n" if root else "")
+            + f"target = importlib.import_module({module_name!r})\n"
+            + f"for name in {qualname!r}.split('.'): target = getattr(target, name)\n"
+            + "target()\n")
+    return [sys.executable, "-c", code]
+
+
+def _function_spec(function: str | Callable[[], object]) -> str:
+    """``"module:qualname"`` of a function given either way; a callable the child could not
+    import by name is a :class:`ConfigError` naming it and the fix."""
+    if isinstance(function, str):
+        if not _FUNCTION.fullmatch(function):
+            raise ConfigError(f"function {function!r} is not 'module:function'; pass e.g. "
+                              "'mypkg.train:main'")
+        return function
+    module, qualname = getattr(function, "__module__", None), getattr(function, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str):
+        raise ConfigError(f"function {function!r} has no __module__ and __qualname__ to import it by; "
+                          "pass a module-level function, or 'module:function'")
+    if "<" in qualname:  # <lambda>, or <locals> of a nested function
+        raise ConfigError(f"function {module}.{qualname} is a lambda or nested in a function, which a "
+                          "fresh process cannot import; define it at module level and pass it, or "
+                          "'module:function'")
+    if module == "__main__":
+        raise ConfigError(f"function {qualname!r} is defined in __main__ (a notebook or the running "
+                          "script), which a fresh process cannot import; move it into a module and pass "
+                          "it, or 'module:function'")
+    return f"{module}:{qualname}"
+
+
+def _import_root(module: Any) -> str | None:
+    """The ``sys.path`` directory ``module`` was imported from (None: not from a file)."""
+    path = getattr(module, "__file__", None)
+    if not path:
+        return None
+    root = Path(path).resolve().parent
+    levels = module.__name__.count(".") + (Path(path).name == "__init__.py")
+    for _ in range(levels):
+        root = root.parent
+    return str(root)
 
 
 def factor_variable(name: str) -> str:

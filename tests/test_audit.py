@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -154,3 +159,79 @@ def test_bad_commands_are_refused_naming_the_problem(
     raise an error naming the command, the value or the exit status and stderr."""
     with pytest.raises(error, match=message):
         audit_determinism(target, [0], 1, vary, progress=False)  # type: ignore[arg-type]
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# the fixture's training function, and the same module run as a script
+FUNCTION = "digits_function:main"
+FUNCTION_SCRIPT = [sys.executable, str(FIXTURES / "digits_function.py")]
+
+
+@pytest.fixture
+def fixtures_importable(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """tests/fixtures on this process's sys.path (the child gets it from the module's location)."""
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    return importlib.import_module("digits_function")
+
+
+def test_function_audit_equals_the_command_audit(fixtures_importable: ModuleType, tmp_path: Path) -> None:
+    """A training function gives the table its module gives run as a script: the same columns and
+    digests, and 2 threads split from 1 at the first update."""
+    kwargs: dict[str, Any] = {"seeds": [0], "repeats": 1, "vary": {"threads": [1, 2]}, "progress": False}
+    function = audit_determinism(fixtures_importable.main, work_dir=tmp_path / "function", **kwargs)
+    command = audit_determinism(FUNCTION_SCRIPT, work_dir=tmp_path / "command", **kwargs)
+    assert list(function.columns) == list(command.columns)
+    results = ["seed", "repeat", "threads", "changed", "final_metric", "metric", "final_digest", "identical",
+               "max_abs_diff", "diverged_step", "diverged_tensors", "losses"]
+    assert function[results].equals(command[results])
+    verdict = determinism_verdict(function).set_index("factor")
+    assert verdict.loc["threads", ["base", "value", "bitwise_identical"]].tolist() == ["1", "2", "no"]
+    assert verdict.loc["threads", "first_diverged_step"] == 1
+    (run_dir,) = (tmp_path / "function").glob("audit-*/seed0-threads2-r0")
+    assert json.loads((run_dir / "manifest.json").read_text())["seeding"]["threads"] == 2
+
+
+def test_audit_cli_on_a_function(fixtures_importable: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    """`reprokit audit --function MODULE:FUNCTION` exits 0 as its repeats are bitwise identical."""
+    assert main(["audit", "--function", FUNCTION, "--repeats", "2", "--jobs", "2"]) == 0
+    assert "every repeat is bitwise identical" in capsys.readouterr().out
+    assert main(["audit", "--function", FUNCTION, "--", *FUNCTION_SCRIPT]) == 2
+    assert "pass one of --config CFG, --function" in capsys.readouterr().err
+
+
+def _main_function() -> None:
+    """Stands for a function defined in a notebook or the running script."""
+
+
+_main_function.__module__ = "__main__"
+
+
+def _nested() -> Callable[[], None]:
+    def inner() -> None:
+        pass
+
+    return inner
+
+
+@pytest.mark.parametrize(
+    ("function", "message"),
+    [
+        ("no_such_module_xyz:main", r"function 'no_such_module_xyz:main': cannot import module "
+                                    r"'no_such_module_xyz'.*pass 'module:function' with a module importable"),
+        ("digits_function:nope", r"'digits_function' has no attribute 'nope'; pass the name of a function"),
+        ("digits_function:not_callable", r"'digits_function:not_callable' is 3, which is not callable"),
+        (lambda: None, r"test_audit\.<lambda> is a lambda or nested in a function.*define it at module "
+                       "level"),
+        (_nested(), r"test_audit\._nested\.<locals>\.inner is a lambda or nested"),
+        (_main_function, r"'_main_function' is defined in __main__ .*move it into a module"),
+        (functools.partial(print), r"has no __module__ and __qualname__ to import it by"),
+    ],
+)
+def test_bad_functions_are_refused_before_any_run(
+    fixtures_importable: ModuleType, tmp_path: Path, function: object, message: str
+) -> None:
+    """An unknown module, a missing attribute, a value that is not callable, or a callable a fresh
+    process cannot import is a ConfigError naming it and the fix, raised before any run starts."""
+    with pytest.raises(ConfigError, match=message):
+        audit_determinism(function, [0], 1, work_dir=tmp_path, progress=False)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []

@@ -79,3 +79,15 @@ def test_fault_matrix_on_a_script_relaunches_bitwise(tmp_path: Path) -> None:
     curves = recovery_curves(table, reference)
     assert curves.groupby("run")["step"].max().eq(45).all()
 
+
+
+def test_fault_matrix_on_a_function_relaunches_bitwise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    """A training function ('module:function') killed after step 6 and relaunched resumes from its
+    checkpoint of step 4 and finishes with the reference's final digest."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent / "fixtures"))
+    table, reference = fault_matrix("digits_function:main", [KillPoint(6)], tmp_path, jobs=1)
+    row = table.iloc[0]
+    assert (row["kill"], row["resumed_from"], row["identical"], row["max_abs_diff"], row["R"]) == (
+        "step 6", 4, True, 0.0, 1.0)
+    assert reference.steps == 10 and reference.metric_name == "train_accuracy"

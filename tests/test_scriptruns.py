@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
 import pytest
 
 from reprokit.errors import ConfigError
-from reprokit.scriptruns import ScriptRunError, command_env, kill_command, read_script_run, steps_done
+from reprokit.scriptruns import (
+    ScriptRunError,
+    command_env,
+    function_command,
+    kill_command,
+    read_script_run,
+    resolve_command,
+    steps_done,
+)
 
 
 def test_command_env_sets_the_contract_and_drops_inherited_kill_points(
@@ -44,3 +53,32 @@ def test_unfinished_run_and_steps_on_disk(tmp_path: Path) -> None:
     assert steps_done(run) == 2
     with pytest.raises(ScriptRunError, match=r"has no result\.json: the command did not finish"):
         read_script_run(run)
+
+
+def test_function_command_imports_the_function_by_name_in_a_fresh_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A function and its 'module:function' name give one `python -c` command, which puts the
+    module's directory on the child's sys.path and calls the function with no arguments."""
+    fixtures = Path(__file__).resolve().parent / "fixtures"
+    monkeypatch.syspath_prepend(str(fixtures))
+    module = importlib.import_module("digits_function")
+    command = function_command(module.main)
+    assert command == function_command("digits_function:main") == resolve_command(module.main)
+    assert command[:2] == [sys.executable, "-c"]
+    assert f"sys.path.insert(0, {str(fixtures)!r})" in command[2] and command[2].endswith("target()\n")
+    assert resolve_command(["python", "train.py"]) == ["python", "train.py"]
+
+
+def test_a_callable_whose_name_imports_another_object_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A callable whose __module__ and __qualname__ name another object (a copy, a rebinding) would
+    run other code in the child: refused, naming it."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent / "fixtures"))
+
+    def impostor() -> None:
+        pass
+
+    impostor.__module__, impostor.__qualname__ = "digits_function", "main"
+    with pytest.raises(ConfigError, match=r"'digits_function:main' imports as another object than the one "
+                                          "passed; pass the module-level function itself"):
+        function_command(impostor)
