@@ -402,8 +402,9 @@ def report(outcomes: dict[str, list[Outcome]], epochs: int, repeats: int) -> Non
             for o, b in pairs)
         step, own = per_step(runs, lambda o: o.clocks.step), per_step(runs, lambda o: o.loader_own)
         prints = per_step(runs, lambda o: o.clocks.fingerprint)
-        print(f"  {name:<20} run.step {step:.3f}  fingerprints {prints:.3f}  loader {own:.3f}  fetch {per_step(runs, lambda o: o.clocks.fetch):.3f}  hook share "
-              f"{100 * share[name]:.1f}%")
+        fetch = per_step(runs, lambda o: o.clocks.fetch)
+        print(f"  {name:<20} run.step {step:.3f}  fingerprints {prints:.3f}  loader {own:.3f}  "
+              f"fetch {fetch:.3f}  hook share {100 * share[name]:.1f}%")
     base_loops = [o.loop_seconds for o in base]
     spread = max(base_loops) / min(base_loops)
     if spread > 1.05:
