@@ -63,6 +63,7 @@ _EXPORTS: dict[str, str] = {
     "finetune": "trainer",
     "lineage": "finetuning",
     "pretrain": "trainer",
+    "Cause": "causes",
     "Comparison": "compare",
     "compare_runs": "compare",
     "Reproduction": "reproduction",
@@ -89,6 +90,7 @@ if TYPE_CHECKING:
     from reprokit.audit import seed_variance as seed_variance
     from reprokit.callbacks import Callback as Callback
     from reprokit.callbacks import TrainState as TrainState
+    from reprokit.causes import Cause as Cause
     from reprokit.checkpoint import CheckpointError as CheckpointError
     from reprokit.checkpoint import read_checkpoint as read_checkpoint
     from reprokit.checkpoint import verify_run as verify_run

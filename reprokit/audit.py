@@ -25,6 +25,7 @@ import torch
 from scipy import stats
 from tqdm.auto import tqdm
 
+from reprokit.compare import compare_runs
 from reprokit.config import TrainConfig
 from reprokit.digests import first_divergence, max_abs_diff
 from reprokit.errors import ConfigError
@@ -41,7 +42,7 @@ from reprokit.trainer import RunResult, show_progress, train
 FACTORS = ("threads", "deterministic", "num_workers")  # the factors the issue asks for, at least
 NONE = "none"  # the ``changed`` value of runs with every factor at its base value
 _RESULT_COLUMNS = ("seed", "repeat", "changed", "final_metric", "metric", "final_digest", "identical",
-                   "max_abs_diff", "diverged_step", "diverged_tensors", "seconds", "losses")
+                   "max_abs_diff", "diverged_step", "diverged_tensors", "cause", "seconds", "losses")
 
 
 @dataclass(frozen=True)
@@ -99,20 +100,22 @@ def audit_determinism(
         One row per run: seed, repeat, the factors, ``changed`` (factors off their base value),
         final metric and digest, ``identical`` to the seed's reference, ``max_abs_diff``,
         ``diverged_step`` and ``diverged_tensors`` (where the per-step digests first part),
+        ``cause`` (:class:`reprokit.Cause` name against the reference: :func:`reprokit.compare_runs`),
         ``seconds`` and ``losses`` (the per-step loss curve).
     """
-    if isinstance(target, TrainConfig):
-        jobs_list = _plan(target, seeds, repeats, vary or {}, vary_seeds)
-        calls = [partial(_run_one, target.replace(seed=j.seed, **dict(j.factors))) for j in jobs_list]
-        threads = [j.threads for j in jobs_list]
-        return _table(jobs_list, _run_all(calls, threads, jobs, progress, _spawn_pool))
-    command = resolve_command(target)  # a bad function is refused before any run starts
-    jobs_list = _plan(None, seeds, repeats, vary or {}, vary_seeds)
+    config = target if isinstance(target, TrainConfig) else None
+    # a bad function is refused before any run starts
+    command = resolve_command(target) if not isinstance(target, TrainConfig) else []
+    jobs_list = _plan(config, seeds, repeats, vary or {}, vary_seeds)
     threads = [j.threads for j in jobs_list]
     with tempfile.TemporaryDirectory(prefix="reprokit-audit-") as scratch:
         root = Path(work_dir if work_dir is not None else scratch)
         root.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="audit-", dir=root))  # always fresh: a used run dir resumes
+        if config is not None:  # into run directories too: the cause column compares them
+            calls = [partial(_run_one, config.replace(seed=j.seed, **dict(j.factors)), work / j.name)
+                     for j in jobs_list]
+            return _table(jobs_list, _run_all(calls, threads, jobs, progress, _spawn_pool))
         envs = [command_env(work / j.name, seed=j.seed, factors=dict(j.factors)) for j in jobs_list]
         runs = [partial(run_command, command, env, timeout=timeout) for env in envs]
         return _table(jobs_list, _run_all(runs, threads, jobs, progress, ThreadPoolExecutor))
@@ -137,6 +140,8 @@ def _table(jobs_list: list[_Job], results: Sequence[RunResult | ScriptRun]) -> p
             "max_abs_diff": max_abs_diff(ref.final_state, result.final_state),
             "diverged_step": div.step if div else None,
             "diverged_tensors": ", ".join(div.tensors) if div else "",
+            "cause": _cause(ref.run_dir, result.run_dir) if result.final_digest != ref.final_digest
+            else "identical",
             "seconds": result.seconds,
             "losses": result.losses[1:],  # step 0 has no loss
         })
@@ -238,8 +243,15 @@ def _run_all(
     return results
 
 
-def _run_one(config: TrainConfig) -> RunResult:
-    return train(config, progress=False)
+def _run_one(config: TrainConfig, run_dir: Path) -> RunResult:
+    return train(config, run_dir, progress=False)
+
+
+def _cause(reference: Path | None, run: Path | None) -> str | None:
+    """:attr:`reprokit.causes.Cause.name` of ``run`` against the seed's reference run."""
+    if reference is None or run is None:
+        return None
+    return compare_runs(reference, run).cause.name
 
 
 def factor_columns(audit: pd.DataFrame) -> list[str]:

@@ -141,7 +141,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     from reprokit.compare import compare_runs
 
-    comparison = compare_runs(args.a, args.b)
+    comparison = compare_runs(args.a, args.b, replay=args.replay)
     print(comparison.describe())
     if args.plot:
         from reprokit.trace_plots import plot_divergence
@@ -302,6 +302,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("b", help="another run directory")
     p.add_argument("--gap", action="store_true", help="also print the gap table, one row per step")
     p.add_argument("--plot", metavar="FILE.png", help="save the divergence plot")
+    p.add_argument("--replay", action="store_true", help="confirm a nondeterminism/environment cause: "
+                   "replay the first differing step twice here from a's checkpoint before it")
     p.set_defaults(func=_compare)
     p = sub.add_parser("audit", help="rerun a config or a command over seeds, repeats and factors; which "
                        "change the bits? (exit 0 if every repeat is bitwise identical, 1 if not)")

@@ -6,20 +6,24 @@ max |Δθ| is measured exactly only where both runs left the parameters themselv
 models (model.pt) and checkpoints the two runs share (same step). Between those, the gap is shown by
 the loss difference (metrics.csv) and, when both runs were traced, by the largest difference of a
 tensor's L2 norm, | ‖θ_a‖₂ − ‖θ_b‖₂ |, a lower bound on that tensor's ‖θ_a − θ_b‖₂. Why comes from
-the manifests: every setting, version or digest the two disagree on.
+the manifests (every setting, version or digest the two disagree on) and, for runs with per-step
+fingerprints, from the first fingerprint that differs: :class:`reprokit.causes.Cause`, confirmed by
+replaying the step with ``replay=True`` (:mod:`reprokit.replay`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from reprokit.causes import Cause, attribute_cause, environment_differences, with_replay
 from reprokit.checkpoint import MODEL_KEY, CheckpointError, list_checkpoints, read_checkpoint
 from reprokit.digests import first_divergence, max_abs_diff
+from reprokit.errors import ReprokitError
 from reprokit.provenance import manifest_differences
 from reprokit.rundir import (
     MANIFEST,
@@ -53,6 +57,7 @@ class Comparison:
     final_metric_b: float
     gap: pd.DataFrame = field(repr=False)  # one row per step both runs recorded: GAP_COLUMNS
     manifest_differences: pd.DataFrame = field(repr=False)  # key, a, b
+    cause: Cause = field(default_factory=lambda: Cause("unknown", None, explanation="not attributed"))
 
     @property
     def final_metric_delta(self) -> float:
@@ -75,6 +80,7 @@ class Comparison:
             lines.append(f"final models: max |Δθ| {self.final_max_abs_diff:.3g}")
         lines.append(f"final {self.metric_name}: a {self.final_metric_a:.4f}, b {self.final_metric_b:.4f} "
                      f"(b - a = {self.final_metric_delta:+.4f})")
+        lines += self.cause.describe()
         diffs = self.manifest_differences
         lines.append(f"manifest differences: {len(diffs)}")
         lines += [f"  {row.key}: {row.a!r} -> {row.b!r}" for row in diffs.head(20).itertuples()]
@@ -83,27 +89,34 @@ class Comparison:
         return "\n".join(lines)
 
 
-def compare_runs(a: str | Path, b: str | Path) -> Comparison:
+def compare_runs(a: str | Path, b: str | Path, *, replay: bool = False) -> Comparison:
     """Compare two run directories: identical or not, first diverging step and tensors, the gap
-    over the steps, final metric delta and the manifest differences that may explain it.
+    over the steps, final metric delta, the manifest differences and the cause of the split.
 
     A run that has not finished (no result.json) can be compared up to where it stopped; it is
-    never identical to anything.
+    never identical to anything. With ``replay``, a ``nondeterminism`` or ``environment`` cause is
+    checked by replaying its step twice from run a's state before it (:mod:`reprokit.replay`).
     """
     a, b = Path(a), Path(b)
     manifest_a, manifest_b = read_json(a, MANIFEST), read_json(b, MANIFEST)
-    divergence = first_divergence(read_digests(a), read_digests(b))
+    digests_a, digests_b = read_digests(a), read_digests(b)
+    divergence = first_divergence(digests_a, digests_b)
     result_a, result_b = _result(a), _result(b)
     final_gap = max_abs_diff(read_model(a), read_model(b)) \
         if (a / MODEL).is_file() and (b / MODEL).is_file() else math.nan
     gap = _gap(a, b, final_gap, result_a, result_b)
     first = divergence.step if divergence is not None else None
     at_first = gap.loc[gap["step"] == first, "max_abs_diff"] if first is not None else pd.Series()
+    identical = result_a is not None and result_b is not None and divergence is None \
+        and result_a["final_digest"] == result_b["final_digest"]
+    differences = manifest_differences(manifest_a, manifest_b)
+    cause = attribute_cause(a, b, manifest_a, manifest_b, digests_a, digests_b, identical=identical)
+    if replay:
+        cause = _replayed(a, cause, environment_differences(differences))
     return Comparison(
         a=a,
         b=b,
-        identical=result_a is not None and result_b is not None and divergence is None
-        and result_a["final_digest"] == result_b["final_digest"],
+        identical=identical,
         first_step=first,
         tensors=divergence.tensors if divergence is not None else (),
         max_abs_diff=float(at_first.iloc[0]) if len(at_first) else math.nan,
@@ -112,8 +125,23 @@ def compare_runs(a: str | Path, b: str | Path) -> Comparison:
         final_metric_a=float(result_a["final_metric"]) if result_a else math.nan,
         final_metric_b=float(result_b["final_metric"]) if result_b else math.nan,
         gap=gap,
-        manifest_differences=manifest_differences(manifest_a, manifest_b),
+        manifest_differences=differences,
+        cause=cause,
     )
+
+
+def _replayed(a: Path, cause: Cause, environment: list[str]) -> Cause:
+    """``cause`` checked by replaying its step in this process (only the two causes a replay tests)."""
+    if cause.name not in ("nondeterminism", "environment") or cause.step is None:
+        return replace(cause, evidence=(*cause.evidence, f"replay: not run (it tests nondeterminism and "
+                                        f"environment, not {cause.name})"))
+    from reprokit.replay import replay_step  # the built-in trainer, loaded only for a replay
+
+    try:
+        replayed = replay_step(a, cause.step)
+    except ReprokitError as e:
+        return replace(cause, evidence=(*cause.evidence, f"replay: not possible: {e}"))
+    return with_replay(cause, replayed.equal, replayed.detail(), environment)
 
 
 def _result(run_dir: Path) -> dict[str, Any] | None:
