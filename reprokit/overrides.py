@@ -11,6 +11,7 @@ can re-run a user's script with another seed, thread count or kill point without
     REPROKIT_NUM_WORKERS         DataLoader worker processes of every ``run.loader``, an int >= 0
     REPROKIT_CRASH_AT_STEP       SIGKILL right after optimizer step K (a fresh run only)
     REPROKIT_CRASH_DURING_SAVE   SIGKILL half-way through writing the checkpoint of step K (fresh run only)
+    REPROKIT_FLIP_BIT            TENSOR:ELEMENT:BIT: flip one bit of one initial weight ("" = first tensor)
     REPROKIT_PROGRESS            1/0: show a progress bar
     REPROKIT_FORCE               1/0: resume even if the recipe changed (recorded in the manifest)
     REPROKIT_DIGEST_EVERY        per-tensor digests every N steps (0 = off): how the run is recorded
@@ -29,6 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from reprokit.errors import ConfigError
+from reprokit.faults import parse_flip
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -36,7 +38,7 @@ _INTS = {"REPROKIT_SEED": 0, "REPROKIT_THREADS": 1, "REPROKIT_NUM_WORKERS": 0,
          "REPROKIT_CRASH_AT_STEP": 1, "REPROKIT_CRASH_DURING_SAVE": 1, "REPROKIT_DIGEST_EVERY": 0,
          "REPROKIT_TRACE_EVERY": 0, "REPROKIT_CHECKPOINT_EVERY": 0}  # name -> smallest value
 _BOOLS = ("REPROKIT_DETERMINISTIC", "REPROKIT_PROGRESS", "REPROKIT_FORCE")
-VARIABLES = ("REPROKIT_RUN_DIR", *_INTS, *_BOOLS)
+VARIABLES = ("REPROKIT_RUN_DIR", *_INTS, *_BOOLS, "REPROKIT_FLIP_BIT")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Overrides:
     digest_every: int | None = None
     trace_every: int | None = None
     checkpoint_every: int | None = None
+    flip_bit: tuple[str, int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The variables that were set, for the manifest."""
@@ -88,4 +91,7 @@ def read_overrides(environ: Mapping[str, str] | None = None) -> Overrides:
         if text.lower() not in _TRUE + _FALSE:
             raise ConfigError(f"{name}={text!r} is not a yes/no value; set {name}=1 or {name}=0")
         values[name.removeprefix("REPROKIT_").lower()] = text.lower() in _TRUE
+    flip = env.get("REPROKIT_FLIP_BIT")
+    if flip:
+        values["flip_bit"] = parse_flip(flip)
     return Overrides(**values)

@@ -74,7 +74,7 @@ def run_recorded(run_dir: str | Path, target: str | Path, *, force: bool = False
 # REPROKIT_* values the first process ran with that a re-execution must have too (not the kill
 # points, which fire in a run's first process only, nor the run directory, progress or force)
 _REAPPLIED = ("seed", "threads", "deterministic", "num_workers", "digest_every", "trace_every",
-              "checkpoint_every")
+              "checkpoint_every", "flip_bit")
 
 
 def _recorded_overrides(run_dir: str | Path) -> dict[str, str]:
@@ -84,6 +84,8 @@ def _recorded_overrides(run_dir: str | Path) -> dict[str, str]:
         value = recorded.get(key) if isinstance(recorded, dict) else None
         if isinstance(value, bool):
             value = int(value)
+        if isinstance(value, list):  # flip_bit: (tensor, element, bit)
+            value = ":".join(str(v) for v in value)
         if value is not None:
             env[f"REPROKIT_{key.upper()}"] = str(value)
     return env

@@ -46,7 +46,7 @@ from reprokit.checkpointer import Checkpointer
 from reprokit.datadigest import digest_data
 from reprokit.digests import combine_digests, state_digests
 from reprokit.errors import ConfigError, DataError, ReprokitError
-from reprokit.faults import NO_FAULTS, Faults, kill_self
+from reprokit.faults import NO_FAULTS, Faults, flip_bit, kill_self
 from reprokit.fingerprints import BatchHasher, grad_digests, loss_bits, stream_digests
 from reprokit.ledger import LedgerEntry
 from reprokit.overrides import Overrides, read_overrides
@@ -198,6 +198,7 @@ class Run:
         # kill points from the environment fire in a run's first process only, so a relaunch gets
         # past them; explicit faults (a harness's) always do
         self._crash_at_step = faults.crash_at_step or (env.crash_at_step if opened.fresh else None)
+        self._flip = faults.flip_bit or env.flip_bit  # part of the run: applied whenever it starts at 0
         crash_save = faults.crash_during_save or (crash_save if opened.fresh else None)
         self._checkpointer = Checkpointer(self.path, every=checkpoint_every, seconds=checkpoint_seconds,
                                           keep=keep_last, background=async_save,
@@ -440,6 +441,8 @@ class Run:
             assert self._writer is not None
             if self.resuming:  # the manifest as on disk now: its resumes log included
                 self._manifest = read_json(self.path, MANIFEST)
+            if self._flip is not None:  # the one-bit perturbation, before θ_0 is digested
+                self._manifest["perturbation"] = flip_bit(self._module_state(), self._flip)
             if not self.resuming or self._manifest["data"].get("digest") is None:
                 self._manifest = record_begin(self._writer, self._manifest, sources,
                                               {n: type(o).__name__ for n, o in self._tracked.items()},

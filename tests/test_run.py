@@ -357,3 +357,25 @@ def test_batch_digest_is_order_aware() -> None:
     one.add(0, [0, 1, 2, 3], (x, torch.arange(4)))
     two.add(0, [0, 1, 2, 3], (x[[1, 0, 2, 3]], torch.arange(4)[[1, 0, 2, 3]]))
     assert one.digests()[0] == two.digests()[0] and one.digests()[1] != two.digests()[1]
+
+
+def test_one_flipped_bit_of_one_initial_weight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Faults(flip_bit=...) or REPROKIT_FLIP_BIT flip exactly one bit of θ_0 before it is digested,
+    recorded in the manifest; only that tensor's step-0 digest moves, and the run still finishes."""
+    from reprokit.faults import Faults
+    from reprokit.rundir import read_digests
+
+    base = _loop(tmp_path / "base")
+    flipped = _loop(tmp_path / "flip", faults=Faults(flip_bit=("0.weight", 5, 0)))
+    assert base is not None and flipped is not None and base.final_digest != flipped.final_digest
+    step0 = {name: read_digests(tmp_path / run)[0][1] for name, run in (("a", "base"), ("b", "flip"))}
+    assert [k for k in step0["a"] if step0["a"][k] != step0["b"][k]] == ["0.weight"]
+    perturbation = json.loads((tmp_path / "flip/manifest.json").read_text())["perturbation"]
+    assert perturbation["tensor"] == "0.weight" and perturbation["bit"] == 0
+    assert perturbation["before"] != perturbation["after"]
+    monkeypatch.setenv("REPROKIT_FLIP_BIT", "0.weight:5:0")
+    env = _loop(tmp_path / "env")
+    assert env is not None and env.final_digest == flipped.final_digest
+    monkeypatch.setenv("REPROKIT_FLIP_BIT", "0.weight:5")
+    with pytest.raises(ConfigError, match="TENSOR:ELEMENT:BIT"):
+        _loop(tmp_path / "bad")
