@@ -87,7 +87,9 @@ def audit_determinism(
         repeats: runs per (seed, factor combination), at least 1 (2 to test repeatability).
         vary: factor -> values to try, e.g. ``{"threads": [1, 2]}``; all combinations run. A config
             varies any field but the seed; a command or function ``threads``, ``deterministic``
-            and ``num_workers``, passed as ``REPROKIT_THREADS`` etc.
+            and ``num_workers``, passed as ``REPROKIT_THREADS`` etc. One seed source alone:
+            ``seed.init``, ``seed.data_order``, ``seed.augmentation``, ``seed.dropout`` (a
+            config's ``init_seed`` etc.; a command's ``REPROKIT_SEED_INIT`` etc.).
         vary_seeds: the seeds on which the ``vary`` combinations run (default: all); the other
             seeds run the base settings only, which keeps a many-seed variance study affordable.
         jobs: runs at once; results do not depend on it (each run pins its own threads).
@@ -156,6 +158,8 @@ def _plan(
 ) -> list[_Job]:
     """The runs, each seed's reference first; ``config`` None plans a command's runs."""
     _check_runs(seeds, repeats, vary_seeds)
+    if config is not None:  # one seed source, "seed.init": the config field init_seed
+        vary = {(f"{n[5:]}_seed" if n.startswith("seed.") else n): v for n, v in vary.items()}
     _check_vary(config, vary)
     names = list(vary)
     if config is not None and config.threads is None:

@@ -23,6 +23,7 @@ from reprokit.errors import ConfigError
 from reprokit.factories import check_reference, is_factory
 from reprokit.models import LR_SCHEDULES, MODELS, OPTIMIZERS, STRATEGIES
 from reprokit.seeding import SEED_MAX
+from reprokit.seeding import SOURCES as SEED_SOURCES
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,11 @@ class TrainConfig:
     steps: int | None = None  # optimizer steps; when set it wins over epochs
     seed: int = 0  # initialisation and batch order
     split_seed: int = 0  # train/validation split, kept apart so seed studies vary training only
+    # per-source seeds (None = from seed; any set gives Run the per-source form, reprokit.seeding.Seeds)
+    init_seed: int | None = None  # the initial weights
+    data_order_seed: int | None = None  # the batch order
+    augmentation_seed: int | None = None  # per-sample randomness of the data (the bundled data has none)
+    dropout_seed: int | None = None  # the model's own random ops, re-seeded when the run begins
     val_fraction: float = 0.2
     deterministic: bool = True  # torch.use_deterministic_algorithms and the cuDNN/cuBLAS knobs
     threads: int | None = 1  # intra-op threads; they change the bits on CPU, so pin them by default
@@ -62,6 +68,13 @@ class TrainConfig:
     finetune: str = "full"  # with init_from: "full", "feature_extraction" (head only) or "two_stage"
     unfreeze_at: int | None = None  # two_stage only: head alone for this many steps, then all; None = half
     backbone_lr_factor: float = 0.1  # two_stage only: the unfrozen backbone learns at lr x this (head at lr)
+
+    def seeds(self) -> int | dict[str, int]:
+        """What ``Run(seed=...)`` gets: ``seed``, or the per-source mapping when any is set."""
+        given = {s: getattr(self, f"{s}_seed") for s in SEED_SOURCES}
+        if all(v is None for v in given.values()):
+            return self.seed
+        return {"base": self.seed, **{s: v for s, v in given.items() if v is not None}}
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -84,9 +97,9 @@ class TrainConfig:
             raise ConfigError(
                 f"checkpoint_seconds {self.checkpoint_seconds} must be >= 0; pass 0 to save by steps only"
             )
-        for name in ("seed", "split_seed"):
+        for name in ("seed", "split_seed", *(f"{s}_seed" for s in SEED_SOURCES)):
             value = getattr(self, name)
-            if not 0 <= value <= SEED_MAX:
+            if value is not None and not 0 <= value <= SEED_MAX:
                 raise ConfigError(
                     f"{name} {value} is out of range [0, 2**32-1]; pass a non-negative int below 2**32"
                 )

@@ -5,7 +5,11 @@ force (manifest ``overrides``), so a harness (the audit, the fault matrix, ``rep
 can re-run a user's script with another seed, thread count or kill point without editing it.
 
     REPROKIT_RUN_DIR             the run directory (wins over the script's argument)
-    REPROKIT_SEED                the seed, an int in [0, 2**32-1]
+    REPROKIT_SEED                the seed, an int in [0, 2**32-1] (every source, as one int)
+    REPROKIT_SEED_INIT           one source's seed (init, data order, augmentation, dropout): the
+    REPROKIT_SEED_DATA_ORDER       run takes per-source seeds, the others from the script's seed
+    REPROKIT_SEED_AUGMENTATION
+    REPROKIT_SEED_DROPOUT
     REPROKIT_THREADS             intra-op threads, an int >= 1
     REPROKIT_DETERMINISTIC       1/0 (also true/false, yes/no, on/off)
     REPROKIT_NUM_WORKERS         DataLoader worker processes of every ``run.loader``, an int >= 0
@@ -34,7 +38,9 @@ from reprokit.faults import parse_flip
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
-_INTS = {"REPROKIT_SEED": 0, "REPROKIT_THREADS": 1, "REPROKIT_NUM_WORKERS": 0,
+_INTS = {"REPROKIT_SEED": 0, "REPROKIT_SEED_INIT": 0, "REPROKIT_SEED_DATA_ORDER": 0,
+         "REPROKIT_SEED_AUGMENTATION": 0, "REPROKIT_SEED_DROPOUT": 0, "REPROKIT_THREADS": 1,
+         "REPROKIT_NUM_WORKERS": 0,
          "REPROKIT_CRASH_AT_STEP": 1, "REPROKIT_CRASH_DURING_SAVE": 1, "REPROKIT_DIGEST_EVERY": 0,
          "REPROKIT_TRACE_EVERY": 0, "REPROKIT_CHECKPOINT_EVERY": 0}  # name -> smallest value
 _BOOLS = ("REPROKIT_DETERMINISTIC", "REPROKIT_PROGRESS", "REPROKIT_FORCE")
@@ -47,6 +53,10 @@ class Overrides:
 
     run_dir: str | None = None
     seed: int | None = None
+    seed_init: int | None = None
+    seed_data_order: int | None = None
+    seed_augmentation: int | None = None
+    seed_dropout: int | None = None
     threads: int | None = None
     deterministic: bool | None = None
     num_workers: int | None = None

@@ -73,7 +73,8 @@ def run_recorded(run_dir: str | Path, target: str | Path, *, force: bool = False
 
 # REPROKIT_* values the first process ran with that a re-execution must have too (not the kill
 # points, which fire in a run's first process only, nor the run directory, progress or force)
-_REAPPLIED = ("seed", "threads", "deterministic", "num_workers", "digest_every", "trace_every",
+_REAPPLIED = ("seed", "seed_init", "seed_data_order", "seed_augmentation", "seed_dropout", "threads",
+              "deterministic", "num_workers", "digest_every", "trace_every",
               "checkpoint_every", "flip_bit")
 
 

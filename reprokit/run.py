@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -65,7 +66,15 @@ from reprokit.runresume import (
     restore_tracked,
     settle,
 )
-from reprokit.seeding import RngState, capture_rng_state, restore_rng_state, seed_everything
+from reprokit.seeding import (
+    SOURCES,
+    RngState,
+    Seeds,
+    capture_rng_state,
+    derive_seed,
+    restore_rng_state,
+    seed_everything,
+)
 from reprokit.stateview import StateView
 from reprokit.trace import Tracer
 
@@ -105,7 +114,9 @@ class Run:
 
     Args:
         run_dir: the run directory (``REPROKIT_RUN_DIR`` wins, so a harness can redirect a script).
-        seed: seeds python, numpy, torch (+CUDA), the data order and per-sample augmentation.
+        seed: seeds python, numpy, torch (+CUDA), the data order and per-sample augmentation: one
+            int, or per-source seeds ``{"init", "data_order", "augmentation", "dropout"}`` (and
+            ``"base"`` for those not given; :class:`reprokit.seeding.Seeds`), recorded in the manifest.
         config: the user's settings (a mapping, dataclass or ``argparse.Namespace``), recorded.
         threads: intra-op threads, pinned (they change the bits on CPU); ``None`` leaves torch's.
         deterministic: torch's deterministic algorithms and the cuDNN/cuBLAS knobs.
@@ -128,7 +139,7 @@ class Run:
     """
 
     def __init__(
-        self, run_dir: str | Path | None = None, *, seed: int = 0, config: Any = None,
+        self, run_dir: str | Path | None = None, *, seed: int | Mapping[str, int] = 0, config: Any = None,
         threads: int | None = 1, deterministic: bool = True, digest_every: int = 1, trace_every: int = 0,
         checkpoint_every: int = 0, checkpoint_seconds: float = 0.0, keep_last: int = 3,
         async_save: bool = False, data: Any = None, force: bool = False, progress: bool | None = None,
@@ -153,7 +164,10 @@ class Run:
         if path is None:
             raise ConfigError("Run needs a run directory: pass Run('runs/NAME', ...) or set REPROKIT_RUN_DIR")
         self.path = Path(path)
-        self.seed = _pick(env.seed, seed)
+        sources = Seeds.parse(_pick(env.seed, seed))
+        by_source = {s: v for s in SOURCES if (v := getattr(env, f"seed_{s}")) is not None}
+        self.sources = sources.replace(**by_source) if by_source else sources  # which seed feeds what
+        self.seed = self.sources.init
         self._num_workers = env.num_workers
         self._progress = _pick(env.progress, progress)
         crash_save = env.crash_during_save
@@ -163,6 +177,8 @@ class Run:
                               "multiple of checkpoint_every")
         self.seeds = seed_everything(self.seed, deterministic=_pick(env.deterministic, deterministic),
                                      threads=_pick(env.threads, threads))
+        if self.sources.per_source:
+            self.seeds = dataclasses.replace(self.seeds, sources=self.sources.to_dict())
         settings = {"digest_every": digest_every, "trace_every": trace_every,
                     "grad_digest_every": grad_every,
                     "checkpoint_every": checkpoint_every, "checkpoint_seconds": checkpoint_seconds,
@@ -453,6 +469,8 @@ class Run:
             # run.log() comes before the first step
             self._init_pending = True
             self._init_digests = state_digests(self._module_state()) if self.digest_every else None
+            if self.sources.per_source:  # dropout's stream, whatever initialisation consumed
+                torch.manual_seed(derive_seed(self.sources.dropout, "dropout"))
             self._init_streams = stream_digests() if self.digest_every else None
             self._expect_step()
             for cb in self._callbacks:

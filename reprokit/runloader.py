@@ -153,7 +153,7 @@ class _PassSampler(Sampler[list[tuple[int, int]]]):
 
     def __init__(self, size: int, batch_size: int, shuffle: bool, drop_last: bool) -> None:
         self.size, self.batch_size, self.shuffle, self.drop_last = size, batch_size, shuffle, drop_last
-        self.pass_seed, self.start = 0, 0
+        self.pass_seed, self.aug_seed, self.start = 0, 0, 0  # the order's and the samples' seeds
         self.order: list[int] = []
 
     def batches(self) -> int:
@@ -179,7 +179,7 @@ class _PassSampler(Sampler[list[tuple[int, int]]]):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         self.begin_pass()
-        order, seed, bs = self.order, self.pass_seed, self.batch_size
+        order, seed, bs = self.order, self.aug_seed, self.batch_size
         for b in range(self.start, self.batches()):
             yield [(seed, i) for i in order[b * bs : (b + 1) * bs]]
 
@@ -239,8 +239,11 @@ class RunLoader:
         if resuming:
             assert self._resume_at is not None
             start, self._resume_at = self._resume_at[2], None
-        pass_seed = derive_seed(self._owner.seed, "loader", self.index, epoch, this_pass)
-        self._sampler.pass_seed, self._sampler.start = pass_seed, start
+        sources = self._owner.sources
+        pass_seed = derive_seed(sources.data_order, "loader", self.index, epoch, this_pass)
+        # the per-sample seeds: the same value as the order's for one int seed
+        aug_seed = derive_seed(sources.augmentation, "loader", self.index, epoch, this_pass)
+        self._sampler.pass_seed, self._sampler.aug_seed, self._sampler.start = pass_seed, aug_seed, start
         self._generator.manual_seed(pass_seed)
         iterator = self._gathered(start) if self._direct else iter(self._loader)
         self.batch, self.active = start, True

@@ -35,7 +35,10 @@ from reprokit.rundir import MANIFEST, METRICS, RESULT, read_digests, read_json, 
 
 # the factors a harness can vary on a command, and the variable each is passed in
 FACTOR_VARIABLES = {"threads": "REPROKIT_THREADS", "deterministic": "REPROKIT_DETERMINISTIC",
-                    "num_workers": "REPROKIT_NUM_WORKERS"}
+                    "num_workers": "REPROKIT_NUM_WORKERS", "seed.init": "REPROKIT_SEED_INIT",
+                    "seed.data_order": "REPROKIT_SEED_DATA_ORDER",
+                    "seed.augmentation": "REPROKIT_SEED_AUGMENTATION",
+                    "seed.dropout": "REPROKIT_SEED_DROPOUT"}  # a factor -> the variable that sets it
 DEFAULT_TIMEOUT = 600.0  # seconds a run may take before it is stopped and reported
 _TAIL = 12  # lines of a failed command's stderr put in the error
 _FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # "module:function"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,9 +42,64 @@ class SeedRecord:
     pythonhashseed: str | None
     cuda_available: bool
     torch_version: str
+    sources: dict[str, int] | None = None  # per-source seeds (Seeds.to_dict), when the run has them
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        record = asdict(self)
+        if record["sources"] is None:  # one int seed: the record as it always was
+            del record["sources"]
+        return record
+
+
+SOURCES = ("init", "data_order", "augmentation", "dropout")
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """Which seed feeds which stream.
+
+    ``init``: python, numpy and torch (+CUDA) at construction, so the weights a model created
+    after ``Run()`` draws; ``data_order``: ``run.loader``'s order; ``augmentation``: the per-sample
+    seeds of ``run.loader``'s fetches; ``dropout``: torch's global stream once the run begins,
+    what the model's own random ops draw from. One int seed feeds all four as it always did (the
+    loader derives order and augmentation from it, dropout continues the init stream); the
+    per-source form re-seeds torch for dropout when the run begins, so that changing one source
+    leaves the other streams untouched.
+    """
+
+    init: int
+    data_order: int
+    augmentation: int
+    dropout: int
+    per_source: bool = False
+
+    @classmethod
+    def parse(cls, value: object) -> Seeds:
+        """An int, or a mapping of :data:`SOURCES` (plus ``base`` filling those not given)."""
+        if isinstance(value, Seeds):
+            return value
+        if not isinstance(value, Mapping):
+            seed = check_seed(value)
+            return cls(seed, seed, seed, seed)
+        given = dict(value)
+        unknown = sorted(set(given) - {*SOURCES, "base"})
+        if unknown:
+            raise SeedError(f"seed: unknown source(s) {unknown}; the sources are {list(SOURCES)} "
+                            "(and 'base' for the ones not given)")
+        missing = [s for s in SOURCES if s not in given]
+        if missing and "base" not in given:
+            raise SeedError(f"seed: no seed for {missing}; give them or a 'base' seed, e.g. "
+                            "seed={'base': 0, 'dropout': 1}")
+        values = {s: check_seed(given[s] if s in given else given["base"]) for s in SOURCES}
+        return cls(**values, per_source=True)
+
+    def replace(self, **sources: int) -> Seeds:
+        """These sources changed (``REPROKIT_SEED_*``): the per-source form from then on."""
+        values = {s: check_seed(sources.get(s, getattr(self, s))) for s in SOURCES}
+        return Seeds(**values, per_source=self.per_source or bool(sources))
+
+    def to_dict(self) -> dict[str, int]:
+        return {s: getattr(self, s) for s in SOURCES}
 
 
 def check_seed(seed: object) -> int:

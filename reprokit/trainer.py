@@ -37,7 +37,7 @@ from reprokit.models import build_model, build_optimizer, build_scheduler
 from reprokit.provenance import data_entry
 from reprokit.run import ResumeInfo, Run
 from reprokit.rundir import MANIFEST, METRICS, read_digests, read_json
-from reprokit.seeding import SeedRecord, seed_everything
+from reprokit.seeding import SeedRecord, Seeds, seed_everything
 
 EVAL_BATCH = 512  # validation batch size: evaluation has no gradient, so a large batch is cheap
 _ROW_COLUMNS = ("step", "epoch", "loss", "lr", "digest", "val_loss", "val_metric")
@@ -110,7 +110,8 @@ def build(config: TrainConfig, data: DatasetBundle) -> Session:
 
 def build_session(config: TrainConfig) -> Session:
     """Seed, load the data and build what :func:`train` trains, outside a run (for inspection)."""
-    seed_everything(config.seed, deterministic=config.deterministic, threads=config.threads)
+    seed_everything(Seeds.parse(config.seeds()).init, deterministic=config.deterministic,
+                    threads=config.threads)
     return build(config, load_data(config))
 
 
@@ -177,7 +178,7 @@ def train(
 def _train(config: TrainConfig, data: DatasetBundle, total: int, path: Path, *,
            callbacks: tuple[Callback, ...], progress: bool | None, faults: Faults, resume: str, force: bool,
            started: float, recorded: bool) -> RunResult:
-    run = Run(path, seed=config.seed, config=config, threads=config.threads,
+    run = Run(path, seed=config.seeds(), config=config, threads=config.threads,
               deterministic=config.deterministic, digest_every=config.digest_every,
               trace_every=config.trace_every, checkpoint_every=config.checkpoint_every,
               checkpoint_seconds=config.checkpoint_seconds, keep_last=config.keep_last,
