@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,27 +38,39 @@ def digest_data(obj: Any) -> str:
 def _feed(h: xxhash.xxh3_128, obj: Any, path: str, depth: int) -> None:
     if depth > 6:
         raise DataError(f"{path}: nested too deeply to digest; pass Run(data=...) the tensors or files")
-    if isinstance(obj, torch.Tensor):
-        h.update(tensor_digest(path, obj).encode())
-    elif isinstance(obj, np.ndarray):
-        if obj.dtype == object:
-            raise DataError(f"{path}: a numpy array of Python objects cannot be digested; pass its "
-                            "values as a numeric array, or the files they come from")
-        h.update(tensor_digest(path, torch.from_numpy(np.ascontiguousarray(obj))).encode())
+    if isinstance(obj, torch.Tensor | np.ndarray):
+        _feed_array(h, obj, path)
     elif isinstance(obj, os.PathLike) or (isinstance(obj, str) and depth == 0):
         _feed_path(h, Path(obj), path)
     elif isinstance(obj, _SCALARS):
         h.update(f"{path}={obj!r}\n".encode())
-    elif isinstance(obj, Mapping):
-        for key in sorted(obj, key=str):
-            _feed(h, obj[key], f"{path}.{key}", depth + 1)
-    elif isinstance(obj, list | tuple) and _plain(obj):
-        h.update(f"{path}={obj!r}\n".encode())
-    elif isinstance(obj, list | tuple):
-        for i, item in enumerate(obj):
-            _feed(h, item, f"{path}.{i}", depth + 1)
+    elif isinstance(obj, Mapping | list | tuple):
+        _feed_container(h, obj, path, depth)
     else:
         _feed_dataset(h, obj, path, depth)
+
+
+def _feed_array(h: xxhash.xxh3_128, obj: torch.Tensor | np.ndarray, path: str) -> None:
+    if isinstance(obj, np.ndarray):
+        if obj.dtype == object:
+            raise DataError(f"{path}: a numpy array of Python objects cannot be digested; pass its "
+                            "values as a numeric array, or the files they come from")
+        obj = torch.from_numpy(np.ascontiguousarray(obj))
+    h.update(tensor_digest(path, obj).encode())
+
+
+def _feed_container(h: xxhash.xxh3_128, obj: Mapping[Any, Any] | Sequence[Any], path: str,
+                    depth: int) -> None:
+    """A mapping by its sorted keys; a list or tuple of scalars as one value, else item by item."""
+    if isinstance(obj, Mapping):
+        items: Iterable[tuple[Any, Any]] = ((key, obj[key]) for key in sorted(obj, key=str))
+    elif _plain(obj):
+        h.update(f"{path}={obj!r}\n".encode())
+        return
+    else:
+        items = enumerate(obj)
+    for key, item in items:
+        _feed(h, item, f"{path}.{key}", depth + 1)
 
 
 def _plain(items: Sequence[Any]) -> bool:

@@ -4,7 +4,8 @@ The manifest records the config, every seeding knob, the data, the environment (
 threads, environment variables, installed packages), the code (git commit, branch, dirty diff)
 and the lineage (the parent model a fine-tune starts from). Its ``fingerprint`` is one digest
 over what decides the bits (config, code, data, environment, parent), so "same recipe?" is one
-equality, and :func:`manifest_differences` says why two runs are not the same recipe.
+equality, and :func:`manifest_differences` says why two runs are not the same recipe. The code
+entry comes from :mod:`reprokit.checkout`, whose names are re-exported here.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,15 +29,16 @@ import torch
 import xxhash
 
 from reprokit import __version__
+from reprokit.checkout import CODE_DIFF as CODE_DIFF
+from reprokit.checkout import NOT_A_CHECKOUT as NOT_A_CHECKOUT
+from reprokit.checkout import CodeState as CodeState
+from reprokit.checkout import code_state as code_state
+from reprokit.checkout import save_code_diff as save_code_diff
 from reprokit.digests import source_digest, tensor_digest
 from reprokit.errors import ReprokitError
-from reprokit.rundir import atomic_write_bytes
 from reprokit.seeding import SeedRecord, capture_rng_state
 
 MANIFEST_VERSION = 2
-CODE_DIFF = "code.diff"  # the uncommitted diff, saved next to manifest.json when the checkout is dirty
-NOT_A_CHECKOUT = "not a git checkout"
-GIT_TIMEOUT = 30.0  # seconds per git call; a diff of a large checkout on a slow disk stays well inside
 # environment variables that change the bits or which device runs; REPROKIT_* are added by prefix
 ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG", "PYTHONHASHSEED",
             "CUDA_VISIBLE_DEVICES")
@@ -48,102 +48,10 @@ VOLATILE_KEYS = frozenset({"created", "run_id", "fingerprint"})
 # or REPROKIT_LEDGER differ between machines without changing a bit
 _FINGERPRINT_ENVIRONMENT = ("python", "torch", "torchvision", "numpy", "platform", "cpu", "threads",
                             "interop_threads", "packages_digest")
-_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 class ProvenanceError(ReprokitError, ValueError):
     """A manifest or a lineage entry is missing something it needs."""
-
-
-@dataclass(frozen=True)
-class CodeState:
-    """The state of the git checkout holding the code; ``reason`` says why there is none."""
-
-    commit: str | None  # None outside git or before the first commit
-    branch: str | None  # None outside git or on a detached HEAD
-    dirty: bool  # tracked files differ from the commit (staged or not); untracked files do not count
-    diff_digest: str | None  # xxh3-128 of ``diff``; None when clean
-    diff: str = field(repr=False)  # ``git diff HEAD --binary``: ``git apply`` restores the edits
-    untracked: int = 0  # files git neither tracks nor ignores
-    repo: str | None = None  # the checkout's top directory
-    reason: str | None = None  # why there is no git information; None inside a checkout
-
-    def to_dict(self) -> dict[str, Any]:
-        """The manifest's ``code`` entry (without the diff text, which goes to ``code.diff``)."""
-        if self.reason is not None:
-            return {"git": NOT_A_CHECKOUT, "reason": self.reason}
-        return {"git": "checkout", "repo": self.repo, "commit": self.commit, "branch": self.branch,
-                "dirty": self.dirty, "diff_digest": self.diff_digest, "untracked": self.untracked}
-
-
-class _NoCheckout(Exception):
-    pass
-
-
-def code_state(repo_dir: Path | None = None) -> CodeState:
-    """Describe the git checkout containing ``repo_dir``; never raises.
-
-    Args:
-        repo_dir: a directory in the checkout; default the reprokit package's own directory, so
-            the answer is about the code that runs, whatever the working directory is. A directory
-            the checkout ignores (an installed copy inside ``.venv``) counts as outside git.
-    """
-    repo = Path(repo_dir) if repo_dir is not None else _PACKAGE_DIR
-    try:
-        return _git_state(repo)
-    except FileNotFoundError:
-        reason = "git is not installed (not on PATH)"
-    except subprocess.TimeoutExpired:
-        reason = f"git did not answer within {GIT_TIMEOUT:g} s"
-    except _NoCheckout as e:
-        reason = str(e)
-    return CodeState(commit=None, branch=None, dirty=False, diff_digest=None, diff="", reason=reason)
-
-
-def _git(repo: Path | str, *args: str) -> subprocess.CompletedProcess[bytes]:
-    # GIT_OPTIONAL_LOCKS=0: parallel runs describing one checkout must not fight over index.lock
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
-    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, timeout=GIT_TIMEOUT,
-                          check=False, env=env, stdin=subprocess.DEVNULL)
-
-
-def _out(result: subprocess.CompletedProcess[bytes]) -> str:
-    return result.stdout.decode(errors="replace").strip()
-
-
-def _git_state(repo: Path) -> CodeState:
-    if not repo.is_dir():
-        raise _NoCheckout(f"{str(repo)!r} is not a directory")
-    top_run = _git(repo, "rev-parse", "--show-toplevel")
-    if top_run.returncode != 0:
-        message = top_run.stderr.decode(errors="replace").strip().splitlines()
-        raise _NoCheckout(message[0] if message else f"git rev-parse failed in {str(repo)!r}")
-    top = _out(top_run)
-    if _git(repo, "check-ignore", "-q", ".").returncode == 0:
-        raise _NoCheckout(f"{str(repo)!r} is ignored by the checkout at {top!r} (an installed copy?)")
-    head = _git(top, "rev-parse", "--verify", "-q", "HEAD")
-    commit = _out(head) if head.returncode == 0 else None
-    branch_run = _git(top, "symbolic-ref", "--short", "-q", "HEAD")
-    branch = _out(branch_run) if branch_run.returncode == 0 else None
-    # before the first commit, diff against the empty tree (its id depends on the hash format)
-    base = commit or _out(_git(top, "hash-object", "-t", "tree", "--stdin"))
-    diff_run = _git(top, "diff", base, "--binary", "--no-color", "--no-ext-diff", "--no-textconv")
-    if diff_run.returncode != 0:
-        raise _NoCheckout(f"git diff failed in {top!r}: {diff_run.stderr.decode(errors='replace').strip()}")
-    diff = diff_run.stdout
-    untracked = _git(top, "ls-files", "--others", "--exclude-standard", "-z").stdout
-    return CodeState(
-        commit=commit, branch=branch, dirty=bool(diff),
-        diff_digest=xxhash.xxh3_128_hexdigest(diff) if diff else None,
-        diff=diff.decode("utf-8", "surrogateescape"),  # lossless: save_code_diff writes the same bytes
-        untracked=untracked.count(b"\0"), repo=top,
-    )
-
-
-def save_code_diff(run_dir: Path, code: CodeState) -> None:
-    """Write ``code.diff`` into ``run_dir`` atomically when the checkout is dirty; else nothing."""
-    if code.dirty:
-        atomic_write_bytes(Path(run_dir) / CODE_DIFF, code.diff.encode("utf-8", "surrogateescape"))
 
 
 @functools.cache

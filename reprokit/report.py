@@ -138,15 +138,7 @@ def run_report(
     notebooks_dir, out = Path(notebooks_dir).resolve(), Path(out).resolve()
     kernel = kernel or os.environ.get("REPROKIT_KERNEL", DEFAULT_KERNEL)
     params = load_profile(profile, notebooks_dir)
-    notebooks = sorted(notebooks_dir.glob("[0-9]*.ipynb"))
-    if not notebooks:
-        raise ReportError(f"no notebooks (NN_name.ipynb) in {notebooks_dir}")
-    unknown = sorted(set(params) - {nb.stem for nb in notebooks})
-    if unknown:
-        raise ReportError(f"profile {profile!r} names notebooks {unknown} that are not in {notebooks_dir}")
-    notebooks = _select(notebooks, only)
-    for nb in notebooks:
-        check_parameters(nb, params.get(nb.stem, {}))
+    notebooks = _checked_notebooks(profile, params, notebooks_dir, only)
     out.mkdir(parents=True, exist_ok=True)
     runs = {nb.stem: NotebookRun(nb.stem, "pending", 0.0, out / f"{nb.stem}.html") for nb in notebooks}
     _write_index(out, profile, list(runs.values()))
@@ -163,27 +155,50 @@ def run_report(
         for task in tasks:
             finish(_run_one(*task))
     else:
-        # OpenMP threads spin while idle by default and take the core a neighbouring notebook
-        # needs (measured: --jobs 2 took 154-180 s against 82 s for --jobs 1); PASSIVE lets them
-        # sleep (67 s). It changes no result: only how idle threads wait. The kernels inherit it.
-        previous = os.environ.get(OMP_WAIT)
-        os.environ.setdefault(OMP_WAIT, "PASSIVE")
-        # spawn: a fresh interpreter per worker, nothing inherited from a process that may hold threads
-        context = multiprocessing.get_context("spawn")
-        try:
-            with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=context) as pool:
-                futures = {pool.submit(_run_one, *task): task[0] for task in tasks}
-                for future in as_completed(futures):
-                    notebook = futures[future]
-                    try:
-                        finish(future.result())
-                    except Exception as e:  # the worker process died: record it, keep the others
-                        finish(NotebookRun(notebook.stem, "failed", 0.0, out / f"{notebook.stem}.html",
-                                           error=f"worker died: {type(e).__name__}: {e}"))
-        finally:
-            _restore_env(OMP_WAIT, previous)
+        _run_parallel(tasks, jobs, out, finish)
     frame = pd.DataFrame([run.__dict__ for run in runs.values()])
     return frame.astype({"error_cell": "Int64", "error_count": "Int64"})
+
+
+def _checked_notebooks(
+    profile: str, params: Mapping[str, Any], notebooks_dir: Path, only: Sequence[str]
+) -> list[Path]:
+    """The notebooks to run, after checking the profile names only notebooks that exist and
+    every parameter against the notebook's own."""
+    notebooks = sorted(notebooks_dir.glob("[0-9]*.ipynb"))
+    if not notebooks:
+        raise ReportError(f"no notebooks (NN_name.ipynb) in {notebooks_dir}")
+    unknown = sorted(set(params) - {nb.stem for nb in notebooks})
+    if unknown:
+        raise ReportError(f"profile {profile!r} names notebooks {unknown} that are not in {notebooks_dir}")
+    notebooks = _select(notebooks, only)
+    for nb in notebooks:
+        check_parameters(nb, params.get(nb.stem, {}))
+    return notebooks
+
+
+def _run_parallel(
+    tasks: Sequence[tuple[Any, ...]], jobs: int, out: Path, finish: Callable[[NotebookRun], None]
+) -> None:
+    # OpenMP threads spin while idle by default and take the core a neighbouring notebook
+    # needs (measured: --jobs 2 took 154-180 s against 82 s for --jobs 1); PASSIVE lets them
+    # sleep (67 s). It changes no result: only how idle threads wait. The kernels inherit it.
+    previous = os.environ.get(OMP_WAIT)
+    os.environ.setdefault(OMP_WAIT, "PASSIVE")
+    # spawn: a fresh interpreter per worker, nothing inherited from a process that may hold threads
+    context = multiprocessing.get_context("spawn")
+    try:
+        with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=context) as pool:
+            futures = {pool.submit(_run_one, *task): task[0] for task in tasks}
+            for future in as_completed(futures):
+                notebook = futures[future]
+                try:
+                    finish(future.result())
+                except Exception as e:  # the worker process died: record it, keep the others
+                    finish(NotebookRun(notebook.stem, "failed", 0.0, out / f"{notebook.stem}.html",
+                                       error=f"worker died: {type(e).__name__}: {e}"))
+    finally:
+        _restore_env(OMP_WAIT, previous)
 
 
 def share_cores(notebook: Path, parameters: Mapping[str, Any], jobs: int) -> dict[str, Any]:

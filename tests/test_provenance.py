@@ -14,18 +14,16 @@ import torch
 import xxhash
 
 import reprokit
+from reprokit import checkout, provenance
+from reprokit.checkout import CODE_DIFF, NOT_A_CHECKOUT, code_state, save_code_diff
 from reprokit.config import TrainConfig
 from reprokit.data import load_dataset
 from reprokit.provenance import (
-    CODE_DIFF,
-    NOT_A_CHECKOUT,
     ProvenanceError,
     build_manifest,
-    code_state,
     fingerprint,
     manifest_differences,
     manifest_table,
-    save_code_diff,
 )
 from reprokit.seeding import seed_everything
 
@@ -164,6 +162,12 @@ def test_default_repo_is_the_package_checkout_not_the_working_directory(
     default = code_state()
     assert (default.repo, default.commit, default.reason) == (package.repo, package.commit, package.reason)
     assert default.repo != str(repo)
+
+
+def test_code_state_names_stay_importable_from_provenance() -> None:
+    """The checkout's names are re-exported by provenance, the same objects, for existing callers."""
+    for name in ("CODE_DIFF", "NOT_A_CHECKOUT", "CodeState", "code_state", "save_code_diff"):
+        assert getattr(provenance, name) is getattr(checkout, name)
 
 
 def test_fingerprint_is_equal_for_one_recipe_and_differs_with_the_seed(outside_git: Path) -> None:
