@@ -50,7 +50,12 @@ def _feed(h: Any, value: Any) -> None:
         h.update(np.ascontiguousarray(value).data)
     elif value is None or isinstance(value, bool | int | float | complex | str | bytes):
         h.update(f"V{type(value).__name__}:{value!r};".encode())
-    elif isinstance(value, Mapping):
+    else:
+        _feed_container(h, value)
+
+
+def _feed_container(h: Any, value: Any) -> None:
+    if isinstance(value, Mapping):
         h.update(f"M{len(value)}".encode())
         for key, item in value.items():
             _feed(h, key)

@@ -74,6 +74,19 @@ class Overrides:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+def _int(env: Mapping[str, str], name: str, low: int) -> int | None:
+    text = env.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not an integer; set e.g. {name}={max(low, 1)}") from None
+    if value < low:
+        raise ConfigError(f"{name}={value} is below {low}; set an integer >= {low}")
+    return value
+
+
 def read_overrides(environ: Mapping[str, str] | None = None) -> Overrides:
     """Parse the ``REPROKIT_*`` variables of ``environ`` (default ``os.environ``)."""
     env = os.environ if environ is None else environ
@@ -84,16 +97,9 @@ def read_overrides(environ: Mapping[str, str] | None = None) -> Overrides:
             raise ConfigError("REPROKIT_RUN_DIR is set but empty; unset it or give a directory path")
         values["run_dir"] = run_dir
     for name, low in _INTS.items():
-        text = env.get(name)
-        if text is None or text == "":
-            continue
-        try:
-            value = int(text)
-        except ValueError:
-            raise ConfigError(f"{name}={text!r} is not an integer; set e.g. {name}={max(low, 1)}") from None
-        if value < low:
-            raise ConfigError(f"{name}={value} is below {low}; set an integer >= {low}")
-        values[name.removeprefix("REPROKIT_").lower()] = value
+        value = _int(env, name, low)
+        if value is not None:
+            values[name.removeprefix("REPROKIT_").lower()] = value
     for name in _BOOLS:
         text = env.get(name)
         if text is None or text == "":

@@ -320,7 +320,7 @@ def script_manifest(
 
 
 # what must be equal for a relaunch to continue a user's run: the recipe, not how it is recorded
-_RECIPE_KEYS = ("config", "seeding.seed", "seeding.deterministic", "seeding.threads",
+_RECIPE_KEYS = ("config", "seeding.seed", "seeding.sources", "seeding.deterministic", "seeding.threads",
                 "code.commit", "code.diff_digest", "code.reprokit_source", "entry.script_digest",
                 "entry.module", "entry.argv", "environment.python", "environment.torch",
                 "environment.numpy", "environment.packages_digest")

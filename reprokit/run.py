@@ -317,15 +317,7 @@ class Run:
             self.hook_seconds["step"] += time.perf_counter() - began
 
     def _step(self, loss: Any, metrics: Mapping[str, Any]) -> None:
-        if not self._begun:
-            self._begin()
-        if self._pending:
-            raise ReprokitError("run.step() came before the resumed epoch's loader was iterated; iterate "
-                                "the run.loader inside run.epochs() and call run.step() after each update")
-        if self._init_pending:
-            self._write_init({})
-        if self._latency is None:
-            self._latency = time.perf_counter() - self._started
+        self._enter_step()
         self.global_step += 1
         step = self.global_step
         if step == self._crash_at_step:
@@ -351,6 +343,18 @@ class Run:
         self._bar.update()
         if self._stop is not None:
             self._stop_now()
+
+    def _enter_step(self) -> None:
+        """What must hold before a step: the run began, a resume restored, the step-0 row written."""
+        if not self._begun:
+            self._begin()
+        if self._pending:
+            raise ReprokitError("run.step() came before the resumed epoch's loader was iterated; iterate "
+                                "the run.loader inside run.epochs() and call run.step() after each update")
+        if self._init_pending:
+            self._write_init({})
+        if self._latency is None:
+            self._latency = time.perf_counter() - self._started
 
     def log(self, **metrics: Any) -> None:
         """A row of metrics between steps (e.g. an epoch's validation accuracy); before the first
@@ -453,28 +457,7 @@ class Run:
                 self.path, self._resumed, architecture(self._module_state()), ignore=self._ignore,
                 differences=self._differences, skipped=self._skipped, threads=self.seeds.threads)
         if self._resumed is None:  # a new run, or a relaunch with no checkpoint that fits: step 0
-            self.global_step = self.epoch = 0
-            assert self._writer is not None
-            if self.resuming:  # the manifest as on disk now: its resumes log included
-                self._manifest = read_json(self.path, MANIFEST)
-            if self._flip is not None:  # the one-bit perturbation, before θ_0 is digested
-                self._manifest["perturbation"] = flip_bit(self._module_state(), self._flip)
-            if not self.resuming or self._manifest["data"].get("digest") is None:
-                self._manifest = record_begin(self._writer, self._manifest, sources,
-                                              {n: type(o).__name__ for n, o in self._tracked.items()},
-                                              self._described)
-            if not self.resuming and self._record_ledger:
-                self._ledger = LedgerEntry.open(self.path, self._manifest)
-            # the step-0 row: θ_0's digests now, written with the initial model's metrics if a
-            # run.log() comes before the first step
-            self._init_pending = True
-            self._init_digests = state_digests(self._module_state()) if self.digest_every else None
-            if self.sources.per_source:  # dropout's stream, whatever initialisation consumed
-                torch.manual_seed(derive_seed(self.sources.dropout, "dropout"))
-            self._init_streams = stream_digests() if self.digest_every else None
-            self._expect_step()
-            for cb in self._callbacks:
-                cb.on_train_start(self._state)
+            self._begin_at_zero(sources)
             return
         self._resumed.check_names(list(self._tracked))
         self.global_step, self.epoch = self._resumed.meta.step, self._resumed.meta.epoch
@@ -485,6 +468,31 @@ class Run:
             if saved is not None:
                 ld.load_state(saved)
         self._expect_step()
+
+    def _begin_at_zero(self, sources: dict[str, Any]) -> None:
+        """Start from step 0: complete the manifest, the ledger row, θ_0's digests and streams."""
+        self.global_step = self.epoch = 0
+        assert self._writer is not None
+        if self.resuming:  # the manifest as on disk now: its resumes log included
+            self._manifest = read_json(self.path, MANIFEST)
+        if self._flip is not None:  # the one-bit perturbation, before θ_0 is digested
+            self._manifest["perturbation"] = flip_bit(self._module_state(), self._flip)
+        if not self.resuming or self._manifest["data"].get("digest") is None:
+            self._manifest = record_begin(self._writer, self._manifest, sources,
+                                          {n: type(o).__name__ for n, o in self._tracked.items()},
+                                          self._described)
+        if not self.resuming and self._record_ledger:
+            self._ledger = LedgerEntry.open(self.path, self._manifest)
+        # the step-0 row: θ_0's digests now, written with the initial model's metrics if a
+        # run.log() comes before the first step
+        self._init_pending = True
+        self._init_digests = state_digests(self._module_state()) if self.digest_every else None
+        if self.sources.per_source:  # dropout's stream, whatever initialisation consumed
+            torch.manual_seed(derive_seed(self.sources.dropout, "dropout"))
+        self._init_streams = stream_digests() if self.digest_every else None
+        self._expect_step()
+        for cb in self._callbacks:
+            cb.on_train_start(self._state)
 
     def _write_init(self, metrics: Mapping[str, Any]) -> None:
         self._init_pending = False
