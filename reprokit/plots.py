@@ -105,3 +105,27 @@ def _figure(width: float, height: float = 4.0) -> tuple[Figure, Axes]:
     fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
     plt.close(fig)
     return fig, ax
+
+
+def plot_study(summary: pd.DataFrame) -> Figure:
+    """The nondeterminism-sources study (:func:`reprokit.study.summarize_study`): one row of panels
+    per model (their scales differ), per source the mean pairwise disagreement, the std of the
+    accuracy and the ensemble's gain over the mean member; a source with no effect is labelled
+    so, not drawn as a zero bar."""
+    models = list(dict.fromkeys(summary["model"]))
+    fig, axes = plt.subplots(len(models), 3, figsize=(14.0, 0.5 + 3.0 * len(models)), layout="constrained",
+                             sharey=True, squeeze=False)
+    plt.close(fig)
+    panels = (("disagreement", "mean pairwise disagreement"), ("accuracy_std", "std of the accuracy"),
+              ("ensemble_gain", "ensemble accuracy - mean member's"))
+    for j, (model, row_axes) in enumerate(zip(models, axes, strict=True)):
+        rows = summary[summary["model"] == model].reset_index(drop=True)
+        for ax, (column, title) in zip(row_axes, panels, strict=True):
+            ax.barh(rows.index, rows[column], color=f"C{j}")
+            for y in rows.index[rows["distinct"] == 1]:
+                ax.text(0, y, " no effect", va="center", fontsize="small", color="0.3")
+            ax.set_title(f"{model}: {title}", fontsize="medium")
+            ax.grid(alpha=0.3, axis="x")
+        row_axes[0].set_yticks(rows.index, rows["source"])
+    axes[0][0].invert_yaxis()
+    return fig

@@ -14,7 +14,7 @@ LAYERS: dict[int, set[str]] = {
         "callbacks", "differences"},
     1: {"run", "runloader", "runresume"},
     2: {"config", "data", "models", "trainer", "resumer", "finetuning", "transfer", "audit", "compare",
-        "causes", "replay", "reproduction", "recovery", "relaunch", "scriptruns", "factories"},
+        "causes", "replay", "reproduction", "recovery", "relaunch", "scriptruns", "factories", "study"},
     3: {"cli", "report", "display", "plots", "trace_plots", "__main__", "__init__"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
