@@ -367,3 +367,15 @@ def study_conclusion(verdict: pd.DataFrame, ratio: float = 0.5) -> str:
 
 def _ratio(group: pd.DataFrame, source: str) -> str:
     return f"{group.loc[group['source'] == source, 'disagreement_ratio'].iloc[0]:.2f}x"
+
+
+def study_headline(verdict: pd.DataFrame) -> dict[str, str]:
+    """Per model, one line for the report's index: how many acting sources alone are as diverse
+    as all together, and which have no effect."""
+    numbers = {}
+    for model, group in verdict.groupby("model", sort=False):
+        same = (group["verdict"] == AS_DIVERSE).sum()
+        none = list(group.loc[group["verdict"] == NONE, "source"])
+        numbers[str(model)] = (f"{same}/{len(group) - len(none)} sources alone as diverse as all together"
+                               + (f"; no effect: {', '.join(none)}" if none else ""))
+    return numbers
