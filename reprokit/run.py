@@ -26,7 +26,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import json
 import math
 import signal
 import sys
@@ -39,7 +38,6 @@ from types import TracebackType
 from typing import Any
 
 import torch
-from torch import nn
 
 from reprokit.callbacks import Callback, TrainState, callback_keys
 from reprokit.checkpoint import CALLBACKS_KEY, MODEL_KEY, RNG_KEY, CheckpointMeta, Snapshot, architecture
@@ -48,11 +46,11 @@ from reprokit.datadigest import digest_data
 from reprokit.digests import combine_digests, state_digests
 from reprokit.errors import ConfigError, DataError, ReprokitError
 from reprokit.faults import NO_FAULTS, Faults, flip_bit, kill_self
-from reprokit.fingerprints import BatchHasher, grad_digests, loss_bits, stream_digests
 from reprokit.ledger import LedgerEntry
 from reprokit.overrides import Overrides, read_overrides
-from reprokit.rundir import MANIFEST, METRIC_COLUMNS, RunWriter, read_json
+from reprokit.rundir import MANIFEST, RunWriter, read_json
 from reprokit.runloader import RunLoader, loader_arguments, with_workers
+from reprokit.runrecorder import StepRecorder, csv_row, loss_value, number, put_metrics
 from reprokit.runresume import (
     POSITION_KEY,
     TRACKED_KEY,
@@ -66,20 +64,18 @@ from reprokit.runresume import (
     restore_tracked,
     settle,
 )
+from reprokit.runsettings import resolve_settings
+from reprokit.runtracked import Tracked
 from reprokit.seeding import (
-    SOURCES,
     RngState,
-    Seeds,
     capture_rng_state,
     derive_seed,
     restore_rng_state,
     seed_everything,
 )
-from reprokit.stateview import StateView
 from reprokit.trace import Tracer
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT with a checkpoint; relaunch to resume
-_COLUMNS = frozenset(METRIC_COLUMNS) - {"step", "epoch", "kind", "metrics", "digest"}  # e.g. val_loss
 
 __all__ = ["EXIT_STOPPED", "ResumeRefused", "Run", "RunFinished", "RunSummary"]
 
@@ -149,64 +145,32 @@ class Run:
     ) -> None:
         started = time.perf_counter()
         env = read_overrides() if overrides else Overrides(progress=read_overrides().progress)
-        for name, value, low in (("digest_every", digest_every, 0), ("trace_every", trace_every, 0),
-                                 ("checkpoint_every", checkpoint_every, 0), ("keep_last", keep_last, 1),
-                                 ("grad_digest_every", grad_digest_every or 0, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} {value!r} must be an int >= {low}")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-            raise ConfigError(f"steps {steps!r} must be an int >= 1, or None when the length is unknown")
-        digest_every = _pick(env.digest_every, digest_every)
-        grad_every = digest_every if grad_digest_every is None else grad_digest_every
-        trace_every = _pick(env.trace_every, trace_every)
-        checkpoint_every = _pick(env.checkpoint_every, checkpoint_every)
-        path = env.run_dir or run_dir
-        if path is None:
-            raise ConfigError("Run needs a run directory: pass Run('runs/NAME', ...) or set REPROKIT_RUN_DIR")
-        self.path = Path(path)
-        sources = Seeds.parse(_pick(env.seed, seed))
-        by_source = {s: v for s in SOURCES if (v := getattr(env, f"seed_{s}")) is not None}
-        self.sources = sources.replace(**by_source) if by_source else sources  # which seed feeds what
+        cfg = resolve_settings(
+            env, run_dir, seed=seed, threads=threads, deterministic=deterministic, digest_every=digest_every,
+            grad_digest_every=grad_digest_every, trace_every=trace_every, checkpoint_every=checkpoint_every,
+            checkpoint_seconds=checkpoint_seconds, keep_last=keep_last, async_save=async_save, steps=steps,
+            progress=progress, force=force)
+        self.path, self.sources, self.config = cfg.path, cfg.sources, config
         self.seed = self.sources.init
-        self._num_workers = env.num_workers
-        self._progress = _pick(env.progress, progress)
-        crash_save = env.crash_during_save
-        if crash_save is not None and (not checkpoint_every or crash_save % checkpoint_every):
-            raise ConfigError(f"REPROKIT_CRASH_DURING_SAVE={crash_save} is not a checkpoint step: "
-                              f"checkpoints are saved every {checkpoint_every or 'no'} steps; pick a "
-                              "multiple of checkpoint_every")
-        self.seeds = seed_everything(self.seed, deterministic=_pick(env.deterministic, deterministic),
-                                     threads=_pick(env.threads, threads))
+        self._num_workers, self._progress = cfg.num_workers, cfg.progress
+        self.seeds = seed_everything(self.seed, deterministic=cfg.deterministic, threads=cfg.threads)
         if self.sources.per_source:
             self.seeds = dataclasses.replace(self.seeds, sources=self.sources.to_dict())
-        settings = {"digest_every": digest_every, "trace_every": trace_every,
-                    "grad_digest_every": grad_every,
-                    "checkpoint_every": checkpoint_every, "checkpoint_seconds": checkpoint_seconds,
-                    "keep_last": keep_last, "async_save": async_save}
-        self.config = config
-        opened = open_run_dir(self.path, config_mapping(config), self.seeds, settings, env,
-                              force=bool(force or env.force), kind=kind, resume=resume,
-                              ignore=frozenset(ignore), ledger=ledger)
+        opened = open_run_dir(self.path, config_mapping(config), self.seeds, cfg.recorded(), env,
+                              force=cfg.force, kind=kind, resume=resume, ignore=frozenset(ignore),
+                              ledger=ledger)
         self._manifest, self._writer, self._ledger = opened.manifest, opened.writer, opened.ledger
         self._resumed: Resumed | None = opened.resumed
-        self._force = bool(force or env.force)
-        self._record_ledger = ledger
-        self._ignore = frozenset(ignore)
+        self._force, self._record_ledger, self._ignore = cfg.force, ledger, frozenset(ignore)
         self.resuming = not opened.fresh  # the directory held a run that this one continues
-        self._differences = opened.differences
-        self._skipped = opened.skipped
+        self._differences, self._skipped = opened.differences, opened.skipped
         self._extra_data = digest_data(data) if data is not None else None
         self._described: dict[str, Any] = {}
-        self.digest_every, self.trace_every, self.steps = digest_every, trace_every, steps
-        self.grad_digest_every = grad_every
-        # fingerprints of the next step, when it is a recorded one (reprokit.fingerprints)
-        self._fingerprinting = False
-        self._batch_hasher: BatchHasher | None = None
-        self._streams: dict[str, str] | None = None
-        self._grads: dict[str, str] | None = None
-        # seconds inside reprokit's hooks: run.step(), the fingerprints of a loader's yield, the
-        # gradient digests in the optimizer's step pre-hook
-        self.hook_seconds = {"step": 0.0, "yield": 0.0, "update": 0.0}
+        self.digest_every, self.trace_every, self.steps = cfg.digest_every, cfg.trace_every, steps
+        self.grad_digest_every = cfg.grad_every
+        self._tracked = Tracked(self._before_update)
+        self._recorder = StepRecorder(cfg.digest_every, cfg.grad_every, self._tracked.view)
+        self.hook_seconds = self._recorder.hook_seconds  # seconds in run.step, loader yields, updates
         self.global_step = self._resumed.meta.step if self._resumed else 0
         self.epoch = self._resumed.meta.epoch if self._resumed else 0
         self.resumed_from = self.global_step if self.resuming else None
@@ -215,21 +179,15 @@ class Run:
         # past them; explicit faults (a harness's) always do
         self._crash_at_step = faults.crash_at_step or (env.crash_at_step if opened.fresh else None)
         self._flip = faults.flip_bit or env.flip_bit  # part of the run: applied whenever it starts at 0
-        crash_save = faults.crash_during_save or (crash_save if opened.fresh else None)
-        self._checkpointer = Checkpointer(self.path, every=checkpoint_every, seconds=checkpoint_seconds,
+        crash_save = faults.crash_during_save or (cfg.crash_during_save if opened.fresh else None)
+        self._checkpointer = Checkpointer(self.path, every=cfg.checkpoint_every, seconds=checkpoint_seconds,
                                           keep=keep_last, background=async_save,
                                           crash_during_save=crash_save)
-        self._tracked: dict[str, Any] = {}
-        self._modules: dict[str, nn.Module] | None = None  # the tracked modules, once the run began
-        self._view: StateView | None = None  # their state's tensors, for the per-step digests
-        self._optimizer: torch.optim.Optimizer | None = None
         self._loaders: list[RunLoader] = []
-        tracer = (Tracer(self.path, every=trace_every),) if trace_every else ()
+        tracer = (Tracer(self.path, every=cfg.trace_every),) if cfg.trace_every else ()
         self._callbacks: tuple[Callback, ...] = (*tracer, *callbacks)
         self._state: Any = None  # the TrainState the callbacks see
         self._begun = self._pending = self._in_epochs = self._init_pending = False
-        self._init_digests: dict[str, str] | None = None
-        self._init_streams: dict[str, str] | None = None
         self._done = False
         self._stop: int | None = None
         self._last_logged: dict[str, float] = {}
@@ -245,16 +203,7 @@ class Run:
         if self._begun:
             raise ReprokitError("run.track() after the run began; track every object before the first "
                                 "run.epochs()/run.step()")
-        for name, obj in objects.items():
-            if not all(callable(getattr(obj, m, None)) for m in ("state_dict", "load_state_dict")):
-                raise ReprokitError(f"run.track({name}=...): a {type(obj).__name__} has no state_dict() and "
-                                    "load_state_dict(), so a checkpoint cannot hold it; track the object "
-                                    "that owns its state")
-            if name in self._tracked:
-                raise ReprokitError(f"run.track: {name!r} is tracked already; give each object its own name")
-            self._tracked[name] = obj
-            if isinstance(obj, torch.optim.Optimizer):
-                obj.register_step_pre_hook(self._before_update)
+        self._tracked.add(objects)
 
     def loader(self, source: Any, *, digest: bool = True, **kwargs: Any) -> RunLoader:
         """A loader whose order and per-sample randomness are a function of (seed, epoch, index),
@@ -322,16 +271,10 @@ class Run:
         step = self.global_step
         if step == self._crash_at_step:
             kill_self()
-        row: dict[str, Any] = {"step": step, "epoch": self.epoch, "kind": "step", "lr": self._lr(),
-                               "loss": _number("loss", loss) if loss is not None else math.nan}
-        self._put_metrics(row, metrics)
-        self.digests = None
-        if self._fingerprinting:
-            self.digests = state_digests(self._digest_view().tensors())
-            row["digest"] = combine_digests(self.digests)
-        self._files.step(_csv_row(row), self.digests)
-        if self._fingerprinting:
-            self._write_fingerprint(step, row["loss"] if loss is not None else None)
+        row: dict[str, Any] = {"step": step, "epoch": self.epoch, "kind": "step", "lr": self._tracked.lr(),
+                               "loss": loss_value(loss)}
+        put_metrics(row, metrics)
+        self.digests = self._recorder.write_step(self._files, row, row["loss"] if loss is not None else None)
         self._state.step, self._state.digests = step, self.digests
         for cb in self._callbacks:
             cb.on_step_end(self._state)
@@ -365,9 +308,9 @@ class Run:
             self._write_init(metrics)
             return
         row = {"step": self.global_step, "epoch": self.epoch, "kind": "log"}
-        self._put_metrics(row, metrics)
-        self._last_logged = {k: _number(k, v) for k, v in metrics.items()}
-        self._files.step(_csv_row(row), None)
+        put_metrics(row, metrics)
+        self._last_logged = {k: number(k, v) for k, v in metrics.items()}
+        self._files.step(csv_row(row), None)
 
     def finish(self, *, result: Mapping[str, Any] | None = None, **metrics: Any) -> RunSummary:
         """Write the final model (model.pt, model.safetensors), result.json (with ``result``'s
@@ -381,7 +324,7 @@ class Run:
         self._checkpointer.finish()
         final = {k: v.detach().clone() for k, v in self._module_state().items()}
         final_digest = combine_digests(state_digests(final))
-        values = {k: _number(k, v) for k, v in metrics.items()} or self._last_logged
+        values = {k: number(k, v) for k, v in metrics.items()} or self._last_logged
         name = next(iter(values), None)
         metric = values[name] if name is not None else math.nan
         summary = RunSummary(self.path, final_digest, name, metric, self.global_step,
@@ -441,15 +384,12 @@ class Run:
     def _begin(self) -> None:
         if self._begun:
             return
-        if not self._tracked:
-            raise ReprokitError("nothing is tracked: call run.track(model=..., optimizer=...) before the "
-                                "first run.epochs()/run.step(), so checkpoints can hold them")
-        modules = list(self._tracked_modules().values())
+        modules = self._tracked.fix()
         self._begun = True
         sources = {f"loader{ld.index}": ld.digest for ld in self._loaders if ld.digest is not None}
         if self._extra_data is not None:
             sources["data"] = self._extra_data
-        self._state = TrainState(self.config, modules[0], self._first_optimizer(), None, self.steps or 0)
+        self._state = TrainState(self.config, modules[0], self._tracked.optimizer(), None, self.steps or 0)
         if self.resuming:
             self._differences += begin_differences(self.path, self._manifest, sources, self._described,
                                                    force=self._force)
@@ -459,7 +399,7 @@ class Run:
         if self._resumed is None:  # a new run, or a relaunch with no checkpoint that fits: step 0
             self._begin_at_zero(sources)
             return
-        self._resumed.check_names(list(self._tracked))
+        self._resumed.check_names(list(self._tracked.objects))
         self.global_step, self.epoch = self._resumed.meta.step, self._resumed.meta.epoch
         self.resumed_from = self.global_step
         self._pending = True
@@ -479,76 +419,28 @@ class Run:
             self._manifest["perturbation"] = flip_bit(self._module_state(), self._flip)
         if not self.resuming or self._manifest["data"].get("digest") is None:
             self._manifest = record_begin(self._writer, self._manifest, sources,
-                                          {n: type(o).__name__ for n, o in self._tracked.items()},
+                                          {n: type(o).__name__ for n, o in self._tracked.objects.items()},
                                           self._described)
         if not self.resuming and self._record_ledger:
             self._ledger = LedgerEntry.open(self.path, self._manifest)
         # the step-0 row: θ_0's digests now, written with the initial model's metrics if a
         # run.log() comes before the first step
         self._init_pending = True
-        self._init_digests = state_digests(self._module_state()) if self.digest_every else None
         if self.sources.per_source:  # dropout's stream, whatever initialisation consumed
             torch.manual_seed(derive_seed(self.sources.dropout, "dropout"))
-        self._init_streams = stream_digests() if self.digest_every else None
+        self._recorder.take_init(self._module_state())
         self._expect_step()
         for cb in self._callbacks:
             cb.on_train_start(self._state)
 
     def _write_init(self, metrics: Mapping[str, Any]) -> None:
         self._init_pending = False
-        row: dict[str, Any] = {"step": 0, "epoch": 0, "kind": "init", "lr": self._lr()}
-        self._put_metrics(row, metrics)
-        self.digests = self._init_digests
-        if self.digests is not None:
-            row["digest"] = combine_digests(self.digests)
-        self._files.step(_csv_row(row), self.digests)
-        if self._init_streams is not None:
-            self._files.fingerprint({"step": 0, **self._init_streams}, None)
+        row: dict[str, Any] = {"step": 0, "epoch": 0, "kind": "init", "lr": self._tracked.lr()}
+        put_metrics(row, metrics)
+        self.digests = self._recorder.write_init(self._files, row)
 
-    # --- fingerprints (reprokit.fingerprints) -------------------------------------------------
     def _expect_step(self) -> None:
-        """After a step (or the start): is the next one recorded? Then gather what goes into it."""
-        upcoming = self.global_step + 1
-        self._fingerprinting = bool(self.digest_every) and upcoming % self.digest_every == 0
-        self._batch_hasher, self._streams, self._grads = None, None, None
-        if self._fingerprinting and not self._loaders:  # no loader yield will say: now, then
-            self._streams = stream_digests()
-
-    def _yielded(self, loader: int, indices: list[int], batch: Any) -> None:
-        """A run.loader batch on its way to the next (recorded) step."""
-        began = time.perf_counter()
-        if self._batch_hasher is None:
-            self._batch_hasher = BatchHasher()
-        self._batch_hasher.add(loader, indices, batch)
-        self._streams = stream_digests()  # the last yield before the step wins: the forward is next
-        self.hook_seconds["yield"] += time.perf_counter() - began
-
-    def _grads_due(self) -> bool:
-        every = self.grad_digest_every
-        return self._fingerprinting and bool(every) and (self.global_step + 1) % every == 0
-
-    def _write_fingerprint(self, step: int, loss: float | None) -> None:
-        if self._grads is None and self._grads_due():  # no tracked optimizer's pre-hook took them
-            self._grads = grad_digests(self._digest_view().parameters())
-        indices, batch = self._batch_hasher.digests() if self._batch_hasher is not None else ("", "")
-        streams = self._streams if self._streams is not None else stream_digests()
-        grads = self._grads
-        self._files.fingerprint({
-            "step": step, "indices": indices, "batch": batch, **streams,
-            "loss": loss_bits(loss) if loss is not None else "",
-            "grads": combine_digests(grads) if grads else "",
-        }, grads)
-
-    def _put_metrics(self, row: dict[str, Any], metrics: Mapping[str, Any]) -> None:
-        """The columns metrics.csv has (val_loss, ...) go there, the rest into its ``metrics`` JSON."""
-        own = {}
-        for key, value in metrics.items():
-            if key in _COLUMNS:
-                row[key] = _number(key, value)
-            else:
-                own[key] = _number(key, value)
-        if own:
-            row["metrics"] = own
+        self._recorder.expect(self.global_step + 1, loaders=bool(self._loaders))
 
     def _resumed_mid_epoch(self) -> bool:
         assert self._resumed is not None
@@ -566,22 +458,20 @@ class Run:
                 "resumed run must start at its saved epoch; write the epoch loop as `for epoch in "
                 "run.epochs(n):`")
         saved = self._resumed.state
-        restore_tracked(self._tracked, saved[MODEL_KEY], saved[TRACKED_KEY], saved[POSITION_KEY]["modules"],
-                        self._resumed.meta, self.path)
+        restore_tracked(self._tracked.objects, saved[MODEL_KEY], saved[TRACKED_KEY],
+                        saved[POSITION_KEY]["modules"], self._resumed.meta, self.path)
         restore_rng_state(RngState.from_dict(saved[RNG_KEY]))
-        for obj in self._tracked.values():
-            if isinstance(obj, torch.optim.Optimizer) and self.global_step:
-                # what the uninterrupted process has: an LR scheduler then does not warn that it
-                # stepped before the optimizer (torch/optim/lr_scheduler.py)
-                obj._opt_called = True  # type: ignore[attr-defined]
+        for opt in self._tracked.optimizers() if self.global_step else ():
+            # what the uninterrupted process has: an LR scheduler then does not warn that it
+            # stepped before the optimizer (torch/optim/lr_scheduler.py)
+            opt._opt_called = True  # type: ignore[attr-defined]
         states = saved.get(CALLBACKS_KEY, {})
         self._state.step = self.global_step
         for key, cb in zip(callback_keys(self._callbacks), self._callbacks, strict=True):
             cb.load_state_dict(states.get(key))
             cb.on_train_start(self._state)
         self._pending = False
-        if self._fingerprinting and not self._loaders:  # the streams as restored go into the next step
-            self._streams = stream_digests()
+        self._recorder.restored(loaders=bool(self._loaders))
 
     @property
     def _files(self) -> RunWriter:
@@ -590,49 +480,19 @@ class Run:
         return self._writer
 
     def _module_state(self) -> dict[str, torch.Tensor]:
-        modules = self._tracked_modules()
-        if len(modules) == 1:
-            return next(iter(modules.values())).state_dict()
-        return {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
-
-    def _digest_view(self) -> StateView:
-        if self._view is None:
-            self._view = StateView(self._tracked_modules())
-        return self._view
-
-    def _tracked_modules(self) -> dict[str, nn.Module]:
-        if self._modules is not None:  # the tracked set is fixed once the run began: found once
-            return self._modules
-        modules = {n: o for n, o in self._tracked.items() if isinstance(o, nn.Module)}
-        if not modules:
-            raise ReprokitError("no nn.Module is tracked: pass the model too, run.track(model=model, ...)")
-        if self._begun:
-            self._modules = modules
-            optimizers = (o for o in self._tracked.values() if isinstance(o, torch.optim.Optimizer))
-            self._optimizer = next(optimizers, None)
-        return modules
-
-    def _first_optimizer(self) -> torch.optim.Optimizer | None:
-        if self._modules is None:
-            return next((o for o in self._tracked.values() if isinstance(o, torch.optim.Optimizer)), None)
-        return self._optimizer
-
-    def _lr(self) -> float:
-        opt = self._first_optimizer()
-        return float(opt.param_groups[0]["lr"]) if opt is not None and opt.param_groups else math.nan
+        return self._tracked.module_state()
 
     def _snapshot(self) -> Snapshot:
-        modules = self._tracked_modules()
+        modules = self._tracked.modules()
         active = [ld for ld in self._loaders if ld.active]
         keys = callback_keys(self._callbacks)
         state: dict[str, Any] = {
             MODEL_KEY: self._module_state(),
-            TRACKED_KEY: {n: o.state_dict() for n, o in self._tracked.items()
-                          if not isinstance(o, nn.Module)},
+            TRACKED_KEY: self._tracked.others(),
             RNG_KEY: capture_rng_state().to_dict(),
             CALLBACKS_KEY: dict(zip(keys, [cb.state_dict() for cb in self._callbacks], strict=True)),
             POSITION_KEY: {"loaders": {str(ld.index): ld.state() for ld in self._loaders},
-                           "modules": list(modules), "tracked": list(self._tracked)},
+                           "modules": list(modules), "tracked": list(self._tracked.objects)},
         }
         meta = CheckpointMeta(
             step=self.global_step, epoch=self.epoch, batch=active[0].batch if active else 0,
@@ -640,17 +500,11 @@ class Run:
             code_version=str(self._manifest["fingerprint"]), manifest_digest=self._files.manifest_digest(),
             run_files=self._files.sync(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
-        unchanged = [*(p for m in modules.values() for p in m.parameters()),
-                     *(t for o in self._tracked.values() if isinstance(o, torch.optim.Optimizer)
-                       for s in o.state.values() for t in s.values() if isinstance(t, torch.Tensor))]
-        return Snapshot(meta, state, update_only=frozenset(t.data_ptr() for t in unchanged))
+        return Snapshot(meta, state, update_only=self._tracked.updated_in_place())
 
     def _before_update(self, *_: Any) -> None:
         self._checkpointer.before_update()  # an async save may still be copying the weights
-        if self._grads is None and self._begun and self._grads_due():  # the gradients, complete
-            began = time.perf_counter()
-            self._grads = grad_digests(self._digest_view().parameters())
-            self.hook_seconds["update"] += time.perf_counter() - began
+        self._recorder.before_update()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self._stop is not None or self._done:  # a second Ctrl-C: the usual KeyboardInterrupt
@@ -684,8 +538,7 @@ class Run:
             self._checkpointer.wait()
         if self._writer is not None:
             self._writer.close()
-        if self._view is not None:
-            self._view.close()
+        self._tracked.close()
         if status != "finished" and self._ledger is not None:
             self._ledger.ledger.mark(self._ledger.run_id, status)
         for signum, handler in self._handlers.items():
@@ -698,9 +551,6 @@ class Run:
             self._close("crashed")
 
 
-def _pick(override: Any, value: Any) -> Any:
-    return override if override is not None else value
-
 
 def _install_signals(handler: Any) -> dict[int, Any]:
     if threading.current_thread() is not threading.main_thread():
@@ -709,24 +559,6 @@ def _install_signals(handler: Any) -> dict[int, Any]:
     for signum in (signal.SIGTERM, signal.SIGINT):
         previous[signum] = signal.signal(signum, handler)
     return previous
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ReprokitError(f"metric {name!r} is a tensor of {value.numel()} elements; pass one number")
-        return float(value.item())
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ReprokitError(f"metric {name!r} = {value!r} is not a number; pass a float or a "
-                            "one-element tensor") from None
-
-
-def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
-    if "metrics" in row:
-        row = {**row, "metrics": json.dumps(row["metrics"], sort_keys=False)}
-    return row
 
 
 def _progress_bar(progress: bool | None, total: int | None, initial: int, name: str) -> Any:

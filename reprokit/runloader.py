@@ -269,8 +269,8 @@ class RunLoader:
         for batch in iterator:
             if owner.at_end:  # the run took its steps (Run(steps=...)): the epoch ends here
                 break
-            if owner._fingerprinting:  # the next step is a recorded one: what goes into it
-                owner._yielded(self.index, self._sampler.indices(self.batch), batch)
+            if owner._recorder.recording:  # the next step is a recorded one: what goes into it
+                owner._recorder.yielded(self.index, self._sampler.indices(self.batch), batch)
             self.batch += 1
             yield batch
         self.active = False

@@ -12,7 +12,7 @@ LAYERS: dict[int, set[str]] = {
         "faults", "trace", "flatsums", "flatkernels", "checkpoint", "checkpointer", "tensorfile",
         "directio", "fsio", "provenance", "checkout", "overrides", "entrypoint", "datadigest",
         "callbacks", "differences"},
-    1: {"run", "runloader", "runresume"},
+    1: {"run", "runloader", "runresume", "runrecorder", "runtracked", "runsettings"},
     2: {"config", "data", "models", "trainer", "resumer", "finetuning", "transfer", "audit", "compare",
         "causes", "replay", "reproduction", "recovery", "relaunch", "scriptruns", "factories", "study"},
     3: {"cli", "report", "display", "plots", "trace_plots", "__main__", "__init__"},
