@@ -29,3 +29,7 @@ class ModelError(ReprokitError, ValueError):
 
 class ReportError(ReprokitError):
     """A notebook could not be executed or rendered."""
+
+
+class DistributedError(ReprokitError, RuntimeError):
+    """A distributed setup is refused (environment, world size, batch split) or a collective failed."""
