@@ -1,24 +1,13 @@
 """Distributed checkpoints through torch.distributed.checkpoint (DCP), verified before DCP reads a byte.
 
-    ROOT/step-0000020/__0_0.distcp  ...  each rank's shards, written by ``dcp.save``
-    ROOT/step-0000020/.metadata          DCP's plan of the checkpoint: a pickle
-    ROOT/step-0000020/contents.json      size and blake2b of every file above, step, world size, recipe
-                                         digest and a digest of contents.json itself
-    ROOT/latest                          name of the newest committed step folder: the commit point
+    ROOT/step-0000020/__R_N.distcp, .metadata  rank R's shards and DCP's plan (a pickle), by dcp.save
+    ROOT/step-0000020/contents.json            size + blake2b per file; step, world size, recipe; own digest
+    ROOT/latest                                the commit point: the newest committed folder's name
 
-Why a wrapper: DCP checks no content (a flipped bit can load as a different state without an error), its
-``.metadata`` is unpickled as it is read, ``FileSystemWriter(overwrite=True)`` is the default (a crash while
-re-saving into a folder leaves a torn checkpoint that loads), and its failures raise ``CheckpointException``,
-a ``BaseException`` that ``except Exception`` lets through. See torch/distributed/checkpoint/filesystem.py.
-
-Commit protocol: each step goes into a new folder (a committed one is never overwritten; a leftover of a
-crash is moved aside first); ``dcp.save``; every rank digests its own shards and the records are gathered;
-rank 0 writes and fsyncs ``contents.json``, the folder and the root, and only then replaces ``latest``
-(temporary file + ``os.replace`` + fsync); pruning comes last and never touches ``latest``'s target or a
-newer folder. A folder newer than ``latest`` is not committed, whatever it holds. Rank 0 takes every decision
-(which folder to write, which to load) and broadcasts it with its outcome, so all ranks agree or all raise.
-Loading verifies every file against ``contents.json`` (the pickle included) before DCP opens any of them,
-and falls back to the previous committed folder that verifies, with a warning naming the bad file.
+Why: DCP checks no content (a flipped bit can load silently as another state), unpickles ``.metadata``,
+overwrites by default (a crash while re-saving leaves a torn folder that loads), and raises
+``CheckpointException``, a ``BaseException`` (torch/distributed/checkpoint/filesystem.py, api.py).
+Rank 0 decides what to write and what to load and broadcasts it: all ranks agree or all raise.
 """
 
 from __future__ import annotations
@@ -64,7 +53,6 @@ CRASH_ENV = "REPROKIT_DCP_CRASH"  # fault injection: SIGKILL at one of CRASH_POI
 CRASH_POINTS = ("after-save", "after-contents")  # after dcp.save / after contents.json, before latest
 _STEP = re.compile(r"step-(\d{7,})")
 _SHARD = re.compile(r"__(\d+)_\d+\.distcp")  # filesystem.py: f"__{rank}_{n}.distcp" (one per rank and bucket)
-_TRASH = ".tmp-trash-"
 T = TypeVar("T")
 
 
@@ -85,12 +73,14 @@ class Loaded(NamedTuple):
     folder: Path
 
 
+@dataclass(frozen=True)
 class PendingSave:
     """An async save in flight. Every rank must call :meth:`result` (the commit is collective),
     and before the next save: DCP is still writing the staged copy until then."""
 
-    def __init__(self, future: Future[Any], folder: Path, commit: Callable[[], Path]) -> None:
-        self._future, self.folder, self._commit = future, folder, commit
+    folder: Path
+    _future: Future[Any]
+    _commit: Callable[[], Path]
 
     def result(self) -> Path:
         """Wait for DCP's writes, then commit; returns the committed folder."""
@@ -106,15 +96,11 @@ def save(root: Path, step: int, state: dict[str, Any], *, world_size: int, recip
          keep_last: int | None, async_save: Literal[True]) -> PendingSave: ...
 def save(root: Path, step: int, state: dict[str, Any], *, world_size: int, recipe_digest: str,
          keep_last: int | None, async_save: bool = False) -> Path | PendingSave:
-    """Save ``state`` (any DCP state dict, e.g. :func:`model_state`) as ``root/step-NNNNNNN`` and commit it.
+    """Save ``state`` (a DCP state dict, e.g. :func:`model_state`) as ``root/step-NNNNNNN``; commit it.
 
-    Call on every rank (or in a single process without a process group). ``world_size`` is checked
-    against the group's and recorded; ``keep_last`` committed folders are kept (``None``: all). With
-    ``async_save`` the writes run in the background and :meth:`PendingSave.result` commits.
-
-    Raises:
-        CheckpointError: the step is already committed, DCP failed on some rank, or the commit failed.
-    """
+    On every rank, or in one process without a group; ``world_size`` is checked and recorded; keeps
+    ``keep_last`` committed folders (``None``: all); ``async_save``: :meth:`PendingSave.result` commits.
+    :class:`CheckpointError` if the step is committed already, or DCP or the commit failed."""
     _check_args(step, world_size, keep_last)
     folder = _agree(lambda: _prepare(root, step))
     writer = FileSystemWriter(folder, overwrite=False)  # DCP's default would overwrite a torn folder
@@ -129,53 +115,47 @@ def save(root: Path, step: int, state: dict[str, Any], *, world_size: int, recip
     if async_save:
         handle = _dcp(lambda: saver.async_save(state, storage_writer=writer, no_dist=alone), folder, "save")
         future = handle.upload_completion if isinstance(handle, saver.AsyncSaveResponse) else handle
-        return PendingSave(future, folder, commit)
+        return PendingSave(folder, future, commit)
     _dcp(lambda: saver.save(state, storage_writer=writer, no_dist=alone), folder, "save")
     return commit()
 
 
 def verify(folder: Path) -> Contents:
-    """Check every file of a step folder against its contents.json, without unpickling anything.
-
-    Raises:
-        CheckpointError: naming the file and the problem (missing, extra, truncated, altered, not a
-            plain file, or a contents.json that is damaged or names a path outside the folder).
-    """
+    """Check every file of a step folder against its contents.json, without unpickling anything;
+    :class:`CheckpointError` names the file and the problem (missing, extra, truncated, altered, not a
+    plain file, or a contents.json that is damaged or names a path outside the folder)."""
     if folder.is_symlink() or not folder.is_dir():
         raise CheckpointError(f"{folder}: not a step folder (missing, or a symlink, which is never followed)")
     contents = _read_contents(folder)
     extra = sorted({p.name for p in folder.iterdir()} - set(contents.files) - {CONTENTS})
     if extra:
-        raise CheckpointError(f"{folder / extra[0]}: not listed in {CONTENTS}; a committed folder holds only "
-                              "the files it committed (remove it, or the folder was tampered with)")
+        raise CheckpointError(f"{folder / extra[0]}: not listed in {CONTENTS}: added after the commit")
     if METADATA not in contents.files:
         raise CheckpointError(f"{folder / CONTENTS}: lists no {METADATA}, so DCP cannot read this folder")
     for name, (size, digest) in sorted(contents.files.items()):
-        _check_file(folder / name, size, digest)
+        actual, actual_digest = _record(folder / name)
+        if actual != size:
+            raise CheckpointError(f"{folder / name}: {actual} bytes, {CONTENTS} records {size}: truncated")
+        if actual_digest != digest:
+            raise CheckpointError(f"{folder / name}: its {ALGORITHM} differs from {CONTENTS}'s: altered")
     return contents
 
 
 def load_latest(root: Path, state: dict[str, Any], *, recipe_digest: str) -> Loaded:
     """Load the newest committed checkpoint under ``root`` that verifies into ``state``, in place.
 
-    ``latest``'s target first; a bad one is named in a warning and the previous committed folder tried.
-    DCP reshards: a checkpoint saved at N ranks loads at M. Call on every rank; rank 0 chooses.
-
-    Raises:
-        CheckpointError: nothing was committed, none verifies, the recipe differs, or DCP failed.
-    """
+    ``latest``'s target first; a bad one is named in a warning and the previous one tried. DCP reshards
+    (saved at N ranks, loaded at M). On every rank; rank 0 chooses. :class:`CheckpointError` if nothing
+    was committed, none verifies, the recipe differs or DCP failed."""
     loaded = _agree(lambda: _choose(root, recipe_digest))
-    reader = FileSystemReader(loaded.folder)
-    _dcp(lambda: state_dict_loader.load(state, storage_reader=reader, no_dist=not _grouped()),
-         loaded.folder, "load")
+    reader, alone = FileSystemReader(loaded.folder), not _grouped()
+    _dcp(lambda: state_dict_loader.load(state, storage_reader=reader, no_dist=alone), loaded.folder, "load")
     return loaded
 
 
 def model_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The DCP state of a model (DDP-wrapped or plain: keys without ``module.``) and its optimizer.
-
-    A fresh optimizer's state is first created by a zero-lr step (DCP loads into allocated tensors).
-    """
+    """The DCP state of a model (DDP-wrapped or plain: keys without ``module.``) and its optimizer;
+    a fresh optimizer's state is first created by a zero-lr step (DCP loads into allocated tensors)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     return {MODEL_KEY: model_sd, OPTIMIZER_KEY: optim_sd}
 
@@ -213,8 +193,7 @@ def _check_args(step: int, world_size: int, keep_last: int | None) -> None:
     actual = dist.get_world_size() if _grouped() else 1
     if world_size != actual:
         raise ConfigError(f"world_size {world_size} is not the process group's {actual}; pass {actual}")
-    crash = os.environ.get(CRASH_ENV)
-    if crash and crash not in CRASH_POINTS:
+    if (crash := os.environ.get(CRASH_ENV)) and crash not in CRASH_POINTS:
         raise ConfigError(f"{CRASH_ENV}={crash!r} is not one of {', '.join(CRASH_POINTS)}; unset it")
 
 
@@ -230,16 +209,15 @@ def _grouped() -> bool:
 def _agree(decide: Callable[[], T]) -> T:
     """Run ``decide`` on rank 0 and hand every rank its outcome, a value or the error, so that no rank
     waits in a collective for one that gave up (and none runs ahead before rank 0 is done)."""
+    if not _grouped():
+        return decide()
     outcome: list[Any] = [None]
-    if not _grouped() or dist.get_rank() == 0:
+    if dist.get_rank() == 0:
         try:
             outcome[0] = (True, decide())
         except (CheckpointError, ConfigError, OSError) as e:
-            if not _grouped():
-                raise
             outcome[0] = (False, f"rank 0: {e}")
-    if _grouped():
-        dist.broadcast_object_list(outcome, src=0)
+    dist.broadcast_object_list(outcome, src=0)
     ok, value = outcome[0]
     if not ok:
         raise CheckpointError(value)
@@ -252,22 +230,16 @@ def _dcp(call: Callable[[], T], folder: Path, verb: str) -> T:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             return call()
     except (CheckpointException, Exception) as e:  # CheckpointException is a BaseException
-        if isinstance(e, CheckpointError):
-            raise
-        detail = e.failures if isinstance(e, CheckpointException) else e
+        detail = {r: f[0] for r, f in e.failures.items()} if isinstance(e, CheckpointException) else e
         raise CheckpointError(f"{folder}: dcp.{verb} failed ({detail!r})") from e
 
 
-def _step_folders(root: Path) -> list[Path]:
-    """Step folders under ``root``, newest first (symlinks and temporary names excluded)."""
-    if not root.is_dir():
-        return []
+def _step_folders(root: Path) -> list[Path]:  # newest first; symlinks and temporary names excluded
     found = [p for p in root.iterdir() if _STEP.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
     return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
 
 
-def _latest_step(root: Path) -> int | None:
-    """The step ``latest`` names; ``None`` if it is missing or does not name a step folder."""
+def _latest_step(root: Path) -> int | None:  # None: missing, or it names no step folder
     try:
         match = _STEP.fullmatch((root / LATEST).read_text().strip())
     except (OSError, UnicodeDecodeError):
@@ -276,7 +248,8 @@ def _latest_step(root: Path) -> int | None:
 
 
 def _prepare(root: Path, step: int) -> Path:
-    """The new folder for ``step``: refused if committed and sound, else a leftover moved aside."""
+    """The new folder for ``step``: refused if committed and sound, else a leftover moved aside (a
+    folder newer than ``latest`` is not committed, whatever it holds: a crash came before the commit)."""
     root.mkdir(parents=True, exist_ok=True)
     folder = root / f"step-{step:07d}"
     if not (folder.exists() or folder.is_symlink()):
@@ -286,22 +259,18 @@ def _prepare(root: Path, step: int) -> Path:
         try:
             verify(folder)
         except CheckpointError as e:
-            warnings.warn(f"{e}; re-saving step {step} in its place", stacklevel=4)
+            warnings.warn(f"{e}; re-saving step {step} in its place", stacklevel=5)
         else:
-            raise CheckpointError(f"{folder}: step {step} is already committed and a checkpoint is never "
-                                  "overwritten; save another step or use a new root")
+            raise CheckpointError(f"{folder}: step {step} is committed and never overwritten; save another")
     _discard(folder)  # a crash's leftover (never reached latest), or damaged
     return folder
 
 
 def _discard(path: Path) -> None:
     """Rename out of the step names first (atomic), so a half-removed folder never looks like a step."""
-    trash = path.with_name(f"{_TRASH}{path.name}-{uuid.uuid4().hex[:8]}")
+    trash = path.with_name(f".tmp-trash-{path.name}-{uuid.uuid4().hex[:8]}")
     path.rename(trash)
-    if trash.is_dir() and not trash.is_symlink():
-        shutil.rmtree(trash)
-    else:
-        trash.unlink()
+    shutil.rmtree(trash) if trash.is_dir() and not trash.is_symlink() else trash.unlink()
 
 
 def _open_plain(path: Path) -> io.BufferedReader:
@@ -311,8 +280,7 @@ def _open_plain(path: Path) -> io.BufferedReader:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing, though {CONTENTS} records it") from None
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot be opened as a plain file ({e.strerror}); "
-                              "symlinks are never followed") from e
+        raise CheckpointError(f"{path}: cannot be opened as a plain file ({e.strerror}; no symlinks)") from e
     f = os.fdopen(fd, "rb")
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         f.close()
@@ -325,48 +293,29 @@ def _record(path: Path) -> tuple[int, str]:
         return os.fstat(f.fileno()).st_size, hashlib.file_digest(f, ALGORITHM).hexdigest()
 
 
-def _check_file(path: Path, size: int, digest: str) -> None:
-    with _open_plain(path) as f:
-        actual = os.fstat(f.fileno()).st_size
-        if actual != size:
-            raise CheckpointError(f"{path}: {actual} bytes, {CONTENTS} records {size}: truncated or extended")
-        if hashlib.file_digest(f, ALGORITHM).hexdigest() != digest:
-            raise CheckpointError(f"{path}: its {ALGORITHM} differs from {CONTENTS}'s: altered since saved")
-
-
 def _gather_records(folder: Path) -> dict[str, tuple[int, str]]:
     """Each rank fsyncs and digests its own shards (rank 0 also the rest), in parallel; all get the union."""
     rank = dist.get_rank() if _grouped() else 0
-    mine = [p for p in sorted(folder.iterdir()) if _owner(p.name) == rank]
+    shards = {p: _SHARD.fullmatch(p.name) for p in sorted(folder.iterdir())}
+    mine = [p for p, m in shards.items() if (int(m[1]) if m else 0) == rank]  # .metadata etc.: rank 0
     fsync_files(mine)  # FileSystemWriter(sync_files=True) did so already; this does not depend on it
-    records = [{p.name: _record(p) for p in mine}]
-    if _grouped():
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, records[0])
-        records = gathered
-    return {name: rec for part in records for name, rec in part.items()}
-
-
-def _owner(name: str) -> int:
-    match = _SHARD.fullmatch(name)
-    return int(match[1]) if match else 0  # .metadata and anything else: rank 0
-
-
-def _seal(body: dict[str, Any]) -> bytes:
-    """contents.json's bytes: the body plus a digest of itself, so an edit to any field is caught."""
-    sealed = {**body, "contents_digest": _body_digest(body)}
-    return (json.dumps(sealed, indent=2, sort_keys=True) + "\n").encode()
+    records = {p.name: _record(p) for p in mine}
+    if not _grouped():
+        return records
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, records)
+    return {name: rec for part in gathered for name, rec in part.items()}
 
 
 def _commit(root: Path, folder: Path, contents: Contents, keep_last: int | None) -> None:
     present = {p.name for p in folder.iterdir()}
     if present != set(contents.files):
-        odd = sorted(present ^ set(contents.files))
-        raise CheckpointError(f"{folder}: files {odd} appeared or vanished during the save; not committed")
+        raise CheckpointError(f"{folder}: {sorted(present ^ set(contents.files))} changed during the save")
     body = {"format": FORMAT_VERSION, "step": contents.step, "world_size": contents.world_size,
             "recipe_digest": contents.recipe_digest, "algorithm": ALGORITHM,
             "files": {name: {"bytes": n, ALGORITHM: d} for name, (n, d) in sorted(contents.files.items())}}
-    atomic_write_bytes(folder / CONTENTS, _seal(body))  # fsyncs the file, then the folder
+    body["contents_digest"] = _body_digest(body)  # so that an edit to any field is caught
+    atomic_write_bytes(folder / CONTENTS, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
     _fsync_dir(root)
     _crash_if("after-contents")
     atomic_write_bytes(root / LATEST, f"{folder.name}\n".encode())  # the commit point; fsyncs root
@@ -375,8 +324,7 @@ def _commit(root: Path, folder: Path, contents: Contents, keep_last: int | None)
 
 
 def _prune(root: Path, latest: int, keep_last: int) -> None:
-    """Keep ``latest``'s target and the ``keep_last - 1`` committed folders before it; drop older
-    leftovers. Folders after ``latest`` are left alone: one may be a save still in flight."""
+    """Keep ``latest``'s and ``keep_last - 1`` earlier committed folders; newer ones may be in flight."""
     older = [p for p in _step_folders(root) if int(p.name[5:]) < latest]
     committed = [p for p in older if (p / CONTENTS).exists()]
     for path in committed[keep_last - 1:] + [p for p in older if p not in committed]:
@@ -384,9 +332,8 @@ def _prune(root: Path, latest: int, keep_last: int) -> None:
 
 
 def _read_contents(folder: Path) -> Contents:
-    path = folder / CONTENTS
     try:
-        with _open_plain(path) as f:
+        with _open_plain(path := folder / CONTENTS) as f:
             data = json.loads(f.read())
     except CheckpointError:
         raise CheckpointError(f"{path}: missing or not a plain file, so the save never committed") from None
@@ -401,8 +348,7 @@ def _read_contents(folder: Path) -> Contents:
         raise CheckpointError(f"{path}: lacks or mistypes field {e}; not a reprokit DCP checkpoint") from e
     for name in files:
         if name in ("", ".", "..", CONTENTS) or any(c in name for c in "/\\\0"):
-            raise CheckpointError(f"{path}: names {name!r}, not a plain file name inside {folder}; "
-                                  "a checkpoint lists only its own files")
+            raise CheckpointError(f"{path}: names {name!r}, not a plain file name inside {folder}")
     return contents
 
 
@@ -418,21 +364,17 @@ def _choose(root: Path, recipe_digest: str) -> Loaded:
         raise CheckpointError(f"{pointer}: missing, so no checkpoint was committed under {root}")
     latest = _latest_step(root)
     if latest is None:
-        warnings.warn(f"{pointer}: does not name a step folder; trying every step folder, newest first",
-                      stacklevel=4)
-    candidates = [p for p in _step_folders(root) if latest is None or int(p.name[5:]) <= latest]
-    if latest is not None and root / f"step-{latest:07d}" not in candidates:
-        candidates.insert(0, root / f"step-{latest:07d}")  # verify() names it missing
-    problems = []
+        warnings.warn(f"{pointer}: names no step folder; trying each one, newest first", stacklevel=5)
+    target = [] if latest is None else [root / f"step-{latest:07d}"]  # first, even if missing: verify says so
+    candidates = target + [p for p in _step_folders(root) if latest is None or int(p.name[5:]) < latest]
     for folder in candidates:
         try:
             contents = verify(folder)
         except CheckpointError as e:
-            warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=4)
-            problems.append(str(e))
+            warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=5)
             continue
         if contents.recipe_digest != recipe_digest:
             raise CheckpointError(f"{folder / CONTENTS}: saved by recipe {contents.recipe_digest}, this "
                                   f"run's is {recipe_digest}; resume with the same recipe or use a new root")
         return Loaded(contents.step, folder)
-    raise CheckpointError(f"{root}: no committed checkpoint verifies: {'; '.join(problems) or 'none found'}")
+    raise CheckpointError(f"{root}: no committed checkpoint verifies (the warnings name each problem)")

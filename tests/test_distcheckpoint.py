@@ -184,7 +184,7 @@ def test_keep_last_keeps_k_folders_and_latest(tmp_path: Path) -> None:
 def test_committed_step_is_never_overwritten(tmp_path: Path) -> None:
     """Saving a step that is committed and sound is refused; a damaged one is re-saved with a warning."""
     _save(tmp_path, 1)
-    with pytest.raises(CheckpointError, match="already committed"):
+    with pytest.raises(CheckpointError, match="step 1 is committed and never overwritten"):
         _save(tmp_path, 1)
     _truncate(_folder(tmp_path, 1) / "__0_0.distcp")
     with pytest.warns(UserWarning, match="truncated.*re-saving step 1"):
