@@ -1,7 +1,7 @@
 """Distributed checkpoints through torch.distributed.checkpoint (DCP), verified before DCP reads a byte.
 
     ROOT/step-0000020/__R_N.distcp, .metadata  rank R's shards and DCP's plan (a pickle), by dcp.save
-    ROOT/step-0000020/contents.json            size + blake2b per file; step, world size, recipe; own digest
+    ROOT/step-0000020/contents.json            size + xxh3-128 per file; step, world size, recipe; own digest
     ROOT/latest                                the commit point: the newest committed folder's name
 
 Why: DCP checks no content (a flipped bit can load silently as another state), unpickles ``.metadata``,
@@ -12,7 +12,6 @@ Rank 0 decides what to write and what to load and broadcasts it: all ranks agree
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -40,7 +39,7 @@ from reprokit.checkpoint import CheckpointError
 from reprokit.digests import combine_digests, tensor_digest
 from reprokit.errors import ConfigError
 from reprokit.faults import kill_self
-from reprokit.fsio import fsync_files
+from reprokit.fsio import file_digest
 from reprokit.rundir import _fsync_dir, atomic_write_bytes
 
 CONTENTS = "contents.json"
@@ -48,7 +47,8 @@ LATEST = "latest"
 METADATA = ".metadata"  # DCP's name for the plan (filesystem._metadata_fn)
 MODEL_KEY, OPTIMIZER_KEY = "model", "optimizer"  # keys of model_state(): writer and reader cannot disagree
 FORMAT_VERSION = 1
-ALGORITHM = "blake2b"  # cryptographic: a recorded digest pins the pickle DCP will unpickle
+# integrity, not authorship: whoever can rewrite a shard can rewrite contents.json too, so a cryptographic
+ALGORITHM = "xxh3_128"  # digest would only be slower; fsio.file_digest hashes at memory speed
 CRASH_ENV = "REPROKIT_DCP_CRASH"  # fault injection: SIGKILL at one of CRASH_POINTS of every save
 CRASH_POINTS = ("after-save", "after-contents")  # after dcp.save / after contents.json, before latest
 _STEP = re.compile(r"step-(\d{7,})")
@@ -63,7 +63,7 @@ class Contents:
     step: int
     world_size: int
     recipe_digest: str
-    files: dict[str, tuple[int, str]]  # file name -> (bytes, blake2b hex)
+    files: dict[str, tuple[int, str]]  # file name -> (bytes, xxh3-128 hex)
 
 
 class Loaded(NamedTuple):
@@ -103,7 +103,7 @@ def save(root: Path, step: int, state: dict[str, Any], *, world_size: int, recip
     :class:`CheckpointError` if the step is committed already, or DCP or the commit failed."""
     _check_args(step, world_size, keep_last)
     folder = _agree(lambda: _prepare(root, step))
-    writer = FileSystemWriter(folder, overwrite=False)  # DCP's default would overwrite a torn folder
+    writer = FileSystemWriter(folder, sync_files=True, overwrite=False)  # fsync each file; never overwrite
 
     def commit() -> Path:
         _crash_if("after-save")
@@ -276,7 +276,7 @@ def _discard(path: Path) -> None:
 def _open_plain(path: Path) -> io.BufferedReader:
     """Open a regular file without following a symlink (one could point out of the folder)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # NONBLOCK: a FIFO does not hang
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing, though {CONTENTS} records it") from None
     except OSError as e:
@@ -289,16 +289,16 @@ def _open_plain(path: Path) -> io.BufferedReader:
 
 
 def _record(path: Path) -> tuple[int, str]:
-    with _open_plain(path) as f:
-        return os.fstat(f.fileno()).st_size, hashlib.file_digest(f, ALGORITHM).hexdigest()
+    with _open_plain(path) as f:  # refuses symlinks and anything but a regular file
+        size = os.fstat(f.fileno()).st_size
+    return size, file_digest(path, size)
 
 
 def _gather_records(folder: Path) -> dict[str, tuple[int, str]]:
-    """Each rank fsyncs and digests its own shards (rank 0 also the rest), in parallel; all get the union."""
+    """Each rank digests its own shards (rank 0 also the rest), in parallel; all get the union."""
     rank = dist.get_rank() if _grouped() else 0
     shards = {p: _SHARD.fullmatch(p.name) for p in sorted(folder.iterdir())}
     mine = [p for p, m in shards.items() if (int(m[1]) if m else 0) == rank]  # .metadata etc.: rank 0
-    fsync_files(mine)  # FileSystemWriter(sync_files=True) did so already; this does not depend on it
     records = {p.name: _record(p) for p in mine}
     if not _grouped():
         return records
@@ -354,7 +354,7 @@ def _read_contents(folder: Path) -> Contents:
 
 def _body_digest(data: dict[str, Any]) -> str:
     body = {k: v for k, v in data.items() if k != "contents_digest"}
-    return hashlib.blake2b(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return xxhash.xxh3_128_hexdigest(json.dumps(body, sort_keys=True).encode())
 
 
 def _choose(root: Path, recipe_digest: str) -> Loaded:

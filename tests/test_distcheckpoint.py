@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+import xxhash
 
 from reprokit import distcheckpoint
 from reprokit.checkpoint import CheckpointError
@@ -127,7 +127,7 @@ def _reseal(folder: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     body = json.loads(path.read_text())
     del body["contents_digest"]
     edit(body)
-    body["contents_digest"] = hashlib.blake2b(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    body["contents_digest"] = xxhash.xxh3_128_hexdigest(json.dumps(body, sort_keys=True).encode())
     path.write_text(json.dumps(body))
 
 
@@ -135,7 +135,7 @@ def _reseal(folder: Path, edit: Callable[[dict[str, Any]], None]) -> None:
 def test_contents_naming_a_path_outside_is_refused(tmp_path: Path, hostile: str) -> None:
     """contents.json may name only plain files inside its folder ('../x', absolute, nested are refused)."""
     _save(tmp_path, 1)
-    _reseal(_folder(tmp_path, 1), lambda body: body["files"].update({hostile: {"bytes": 0, "blake2b": ""}}))
+    _reseal(_folder(tmp_path, 1), lambda body: body["files"].update({hostile: {"bytes": 0, "xxh3_128": ""}}))
     with pytest.raises(CheckpointError, match="not a plain file name inside"):
         distcheckpoint.verify(_folder(tmp_path, 1))
 
@@ -237,14 +237,23 @@ def test_foreign_recipe_is_refused(tmp_path: Path) -> None:
         distcheckpoint.load_latest(tmp_path, state, recipe_digest="other")
 
 
-def test_two_rank_ddp_checkpoint_loads_at_one_rank(tmp_path: Path) -> None:
-    """A DDP model + Adam saved by torchrun at 2 ranks loads resharded at 1 rank with the saved digest."""
+def test_checkpoints_reshard_between_one_and_two_ranks(tmp_path: Path) -> None:
+    """Under torchrun at 2 ranks a 1-process checkpoint loads on both ranks, and a DDP model + Adam saved
+    there loads at 1 rank, each with the saved digest; a re-save of a committed step is refused on both."""
+    one, root = tmp_path / "one", tmp_path / "two"
+    root.mkdir()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randn(3, 8)).sum().backward()
+    optimizer.step()
+    state = distcheckpoint.model_state(model, optimizer)
+    distcheckpoint.save(one, 5, state, world_size=1, recipe_digest=RECIPE, keep_last=None)
+    saved_at_one = distcheckpoint.loaded_digest(state)
     torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    script = FIXTURES / "ddp_save.py"
-    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), str(tmp_path)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(FIXTURES / "ddp_save.py"), str(root),
+           str(one)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         output, _ = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
@@ -252,14 +261,16 @@ def test_two_rank_ddp_checkpoint_loads_at_one_rank(tmp_path: Path) -> None:
         output, _ = proc.communicate()
         pytest.fail(f"torchrun did not finish in 120 s:\n{output}")
     assert proc.returncode == 0, output
-    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-0000003"]  # keep_last=1
-    contents = distcheckpoint.verify(_folder(tmp_path, 3))
+    assert [(root / f"loaded-{r}.digest").read_text() for r in (0, 1)] == [saved_at_one] * 2
+    assert all("committed and never overwritten" in (root / f"refused-{r}").read_text() for r in (0, 1))
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-0000003"]  # keep_last=1
+    contents = distcheckpoint.verify(_folder(root, 3))
     assert contents.world_size == 2
     assert {"__0_0.distcp", "__1_0.distcp"} <= set(contents.files)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     state = distcheckpoint.model_state(model, optimizer)
-    assert distcheckpoint.load_latest(tmp_path, state, recipe_digest=RECIPE).step == 3
+    assert distcheckpoint.load_latest(root, state, recipe_digest=RECIPE).step == 3  # resharded 2 -> 1
     distcheckpoint.load_model_state(model, optimizer, state)
     loaded = distcheckpoint.loaded_digest(distcheckpoint.model_state(model, optimizer))
-    assert loaded == (tmp_path / "saved.digest").read_text()
+    assert loaded == (root / "saved.digest").read_text()
