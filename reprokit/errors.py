@@ -33,3 +33,11 @@ class ReportError(ReprokitError):
 
 class DistributedError(ReprokitError, RuntimeError):
     """A distributed setup is refused (environment, world size, batch split) or a collective failed."""
+
+
+class RunDirError(ReprokitError, ValueError):
+    """A run directory, or a file in it, is missing, malformed or not what it claims to be."""
+
+
+class RunLockedError(ReprokitError, RuntimeError):
+    """Another process (or another open object of this one) is writing the run directory."""

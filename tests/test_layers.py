@@ -11,7 +11,7 @@ LAYERS: dict[int, set[str]] = {
     0: {"errors", "seeding", "globalrng", "stateview", "fingerprints", "digests", "rundir", "ledger",
         "faults", "trace", "flatsums", "flatkernels", "checkpoint", "checkpointer", "tensorfile",
         "directio", "fsio", "provenance", "checkout", "overrides", "entrypoint", "datadigest",
-        "callbacks", "differences", "distributed", "distcheckpoint"},
+        "callbacks", "differences", "distributed", "distcheckpoint", "runlock", "untrusted"},
     1: {"run", "runloader", "runresume", "runrecorder", "runtracked", "runsettings"},
     2: {"config", "data", "models", "trainer", "resumer", "finetuning", "transfer", "audit", "compare",
         "causes", "replay", "reproduction", "recovery", "relaunch", "scriptruns", "factories", "study"},
