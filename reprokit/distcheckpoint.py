@@ -160,8 +160,7 @@ def model_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
     return {MODEL_KEY: model_sd, OPTIMIZER_KEY: optim_sd}
 
 
-def load_model_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     state: Mapping[str, Any]) -> None:
+def load_model_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Put a state shaped like :func:`model_state`'s (e.g. after :func:`load_latest`) into both."""
     set_state_dict(model, optimizer, model_state_dict=state[MODEL_KEY], optim_state_dict=state[OPTIMIZER_KEY])
 
@@ -211,17 +210,17 @@ def _agree(decide: Callable[[], T]) -> T:
     waits in a collective for one that gave up (and none runs ahead before rank 0 is done)."""
     if not _grouped():
         return decide()
-    outcome: list[Any] = [None]
+    outcome: list[Any] = [None, None]  # rank 0's value, or its error's message
+    error: Exception | None = None
     if dist.get_rank() == 0:
         try:
-            outcome[0] = (True, decide())
-        except (CheckpointError, ConfigError, OSError) as e:
-            outcome[0] = (False, f"rank 0: {e}")
+            outcome[0] = decide()
+        except Exception as e:  # any failure, so that the other ranks raise too instead of waiting
+            error, outcome[1] = e, f"rank 0: {e}"
     dist.broadcast_object_list(outcome, src=0)
-    ok, value = outcome[0]
-    if not ok:
-        raise CheckpointError(value)
-    return value  # type: ignore[no-any-return]
+    if outcome[1] is not None:  # rank 0 re-raises its own exception, with its traceback
+        raise error or CheckpointError(outcome[1])
+    return outcome[0]  # type: ignore[no-any-return]
 
 
 def _dcp(call: Callable[[], T], folder: Path, verb: str) -> T:
