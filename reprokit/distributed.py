@@ -140,8 +140,12 @@ def init_process_group(timeout_s: float = 120.0, backend: str | None = None,
 
 
 def leave_process_group(world: World) -> None:
-    """Destroy the process group if ``world`` created it; a group the caller made is left alone."""
+    """Destroy the process group if ``world`` created it; a group the caller made is left alone.
+
+    A barrier first: a rank that destroys its group while a peer is still receiving the last broadcast
+    closes the pair under it, and gloo aborts that peer ("terminate called without an active exception")."""
     if world.initialized_here and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
