@@ -296,3 +296,15 @@ def test_audit_table_names_the_cause_of_each_run(tmp_path: Path) -> None:
     audit = audit_determinism(config, [0], repeats=2, vary={"threads": [1, 2]}, progress=False)
     causes = {(int(r.threads), int(r.repeat)): r.cause for r in audit.itertuples()}
     assert causes == {(1, 0): "identical", (1, 1): "identical", (2, 0): "environment", (2, 1): "environment"}
+
+
+def test_cause_names_stay_importable_from_causes() -> None:
+    """The step walk's module (stepcauses) holds Cause; reprokit.causes and reprokit still export it."""
+    from reprokit import causes, stepcauses
+
+    assert causes.Cause is stepcauses.Cause is reprokit.Cause
+    for name in ("CAUSES", "attribute_cause", "environment_differences", "with_replay"):
+        assert callable(getattr(causes, name)) or name == "CAUSES"
+    assert "unknown" in causes.CAUSES
+    lines = causes.Cause("unknown", 3, ("w",), explanation="undetermined: x", fix="f").describe()
+    assert lines == ["cause: unknown", "  undetermined: x", "  step: 3; tensors: w", "  fix: f"]

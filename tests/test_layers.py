@@ -14,6 +14,7 @@ LAYERS: dict[int, set[str]] = {
         "callbacks", "differences", "distributed", "distcheckpoint", "runlock", "untrusted"},
     1: {"run", "runloader", "runresume", "runrecorder", "runtracked", "runsettings"},
     2: {"config", "data", "models", "trainer", "resumer", "finetuning", "transfer", "audit", "compare",
+        "stepcauses",
         "causes", "replay", "reproduction", "recovery", "relaunch", "scriptruns", "factories", "study"},
     3: {"cli", "report", "display", "plots", "trace_plots", "__main__", "__init__"},
 }
