@@ -29,21 +29,22 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import threading
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, cast
 
 import pandas as pd
 import torch
 
-from reprokit import tensorfile
+from reprokit import tensorfile, untrusted
 from reprokit.differences import config_differences
 from reprokit.digests import model_digest
 from reprokit.directio import ReadBackError
-from reprokit.errors import ReprokitError
+from reprokit.errors import ReprokitError, RunDirError
 from reprokit.fsio import file_digest, fsync_files, open_tensor_writer, write_hashed
 from reprokit.rundir import _fsync_dir
 
@@ -59,6 +60,9 @@ TRASH_PREFIX = f"{TMP_PREFIX}trash-"
 # a pruned checkpoint's tensors file, kept for the next save to overwrite in place (see write_checkpoint)
 SPARE = f"{TMP_PREFIX}spare-{TENSORS_FILE}"
 FORMAT_VERSION = 2  # 1: every tensor inside state.pt
+_NAME = re.compile(rf"{PREFIX}[0-9]{{1,19}}")  # what ``latest`` may name: a checkpoint directory of this run
+_MAX_POINTER = 64  # bytes of a ``latest`` file ("step-0000060\n" is 13)
+_SMALL_JSON = 16 << 20  # contents.json and meta.json: a few KB, a large config's meta ~100 KB
 # keys of state.pt, named once so writer and reader cannot disagree
 MODEL_KEY, OPTIMIZER_KEY, SCHEDULER_KEY, RNG_KEY, CALLBACKS_KEY = (
     "model", "optimizer", "scheduler", "rng", "callbacks",
@@ -120,7 +124,7 @@ def write_checkpoint(run_dir: str | Path, snap: Snapshot, *, crash_midway: bool 
         crash_midway: fault injection: SIGKILL this process once about half of ``state.pt`` is
             written (and fsynced), before anything is committed.
     """
-    root = Path(run_dir) / CHECKPOINTS
+    root = checkpoints_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(snap.meta.step)
     tmp = root / f"{TMP_PREFIX}{name}-{os.getpid()}-{threading.get_ident()}"
@@ -231,59 +235,118 @@ def read_checkpoint(path: str | Path) -> tuple[CheckpointMeta, dict[str, Any]]:
 
     Checks that every file listed in ``contents.json`` is present with its recorded size and
     digest, then loads ``state.pt`` with ``weights_only=True`` (a pickle that would run code is
-    refused before anything runs).
+    refused before anything runs). A checkpoint may come from someone else: every field is checked
+    (types, ranges, file names inside the checkpoint, safetensors header against the file size).
     """
     path = Path(path)
+    if path.is_symlink():
+        raise CheckpointError(f"{path}: a symbolic link, not a checkpoint directory (it may lead out of the "
+                              "run directory); remove it")
     listed = _verified_files(path)
+    meta = _read_meta(path)
     try:
-        meta = CheckpointMeta(**json.loads((path / META_FILE).read_bytes()))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path / META_FILE}: not a reprokit checkpoint meta file ({e})") from e
-    try:
-        state: dict[str, Any] = torch.load(path / STATE_FILE, weights_only=True)
+        state: Any = torch.load(path / STATE_FILE, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path / STATE_FILE}: refused to load: it holds objects other than tensors and plain "
             f"values, which could run code when unpickled; do not load it with weights_only=False "
             f"unless you made it yourself ({str(e).splitlines()[0]})"
         ) from e
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path / STATE_FILE}: cannot be read as a torch file ({e})") from e
+    except Exception as e:  # RuntimeError, EOFError, ValueError...: what torch.load raises varies
+        raise CheckpointError(f"{path / STATE_FILE}: cannot be read as a torch file ({_one_line(e)})") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / STATE_FILE}: holds {type(state).__name__}, not a dict; "
+                              "not a reprokit checkpoint")
     if TENSORS_FILE in listed:
         try:
             state = tensorfile.join(state, tensorfile.read(path / TENSORS_FILE))
         except Exception as e:  # a forged file: its digest matched, its content is not ours
-            raise CheckpointError(f"{path / TENSORS_FILE}: its tensors do not fit state.pt ({e!r})") from e
+            raise CheckpointError(f"{path / TENSORS_FILE}: its tensors do not fit state.pt ({_one_line(e)})"
+                                  ) from e
     missing = {MODEL_KEY, RNG_KEY} - set(state)  # a script run's optimizers are among its tracked objects
     if missing:
         raise CheckpointError(f"{path / STATE_FILE}: lacks {sorted(missing)}; not a reprokit checkpoint")
     return meta, state
 
 
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def _read_meta(path: Path) -> CheckpointMeta:
+    """meta.json with every field of the type and range a checkpoint of ``path``'s step has."""
+    where = path / META_FILE
+    try:
+        raw = untrusted.read_json(where, max_bytes=_SMALL_JSON)
+        if not isinstance(raw, dict):
+            raise RunDirError(f"{where}: holds {type(raw).__name__}, not a JSON object")
+        unknown = sorted(set(raw) - {f.name for f in fields(CheckpointMeta)})
+        if unknown:
+            raise RunDirError(f"{where}: unknown fields {unknown[:5]}; not a reprokit checkpoint meta file")
+        checked: dict[str, Any] = {key: untrusted.expect(raw, key, int, path=where, lo=0)
+                                   for key in ("step", "epoch", "batch")}
+        for key in ("data_digest", "code_version", "manifest_digest"):
+            checked[key] = untrusted.expect(raw, key, str, path=where, max_len=256)
+        for key in ("created", "model_digest"):
+            if key in raw:
+                checked[key] = untrusted.expect(raw, key, str, path=where, max_len=256)
+        checked["config"] = untrusted.expect(raw, "config", dict, path=where)
+        files = untrusted.expect(raw, "run_files", dict, path=where, max_len=64)
+        checked["run_files"] = {name: untrusted.expect(files, name, int, path=f"{where} run_files", lo=0)
+                                for name in files}
+        layout = untrusted.expect(raw, "architecture", dict, path=where, max_len=1 << 20) \
+            if "architecture" in raw else {}
+        checked["architecture"] = {name: _layout_entry(f"{where} architecture", layout, name)
+                                   for name in layout}
+        if "format_version" in raw:
+            checked["format_version"] = untrusted.expect(raw, "format_version", int, path=where, lo=1,
+                                                         hi=FORMAT_VERSION + 1)
+    except RunDirError as e:
+        raise CheckpointError(str(e)) from e
+    meta = CheckpointMeta(**checked)
+    if _NAME.fullmatch(path.name) and int(path.name[len(PREFIX):]) != meta.step:
+        raise CheckpointError(f"{where}: says step {meta.step}, but the directory is {path.name}; the "
+                              "checkpoint was moved or forged")
+    return meta
+
+
+def _layout_entry(where: str, layout: dict[str, Any], name: str) -> list[Any]:
+    entry = untrusted.expect(layout, name, list, path=where, max_len=2)
+    dtype = untrusted.expect(entry, 0, str, path=f"{where} {name!r}", max_len=64)
+    shape = untrusted.expect(entry, 1, list, path=f"{where} {name!r}", max_len=64)
+    return [dtype, [untrusted.expect(shape, i, int, path=f"{where} {name!r} shape", lo=0)
+                    for i in range(len(shape))]]
+
+
 def _verified_files(path: Path, *, read_back: set[str] | None = None) -> dict[str, Any]:
     """Check every file contents.json lists; those in ``read_back`` (already checked against the
-    disk by their writer) only for their size."""
+    disk by their writer) only for their size. A listed name must be a plain file of ``path``."""
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     contents_path = path / CONTENTS_FILE
     if not contents_path.is_file():
         raise CheckpointError(f"{contents_path}: missing, so the checkpoint was never committed")
     try:
-        listed = json.loads(contents_path.read_bytes())["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{contents_path}: unreadable ({e})") from e
-    for required in (STATE_FILE, META_FILE):
-        if required not in listed:
-            raise CheckpointError(f"{contents_path}: does not list {required}")
-    for fname, expect in sorted(listed.items()):
-        fpath = path / fname
-        if not fpath.is_file():
-            raise CheckpointError(f"{fpath}: missing")
-        size = fpath.stat().st_size
-        if size != expect["bytes"]:
-            raise CheckpointError(f"{fpath}: truncated or extended: {size} bytes, {expect['bytes']} recorded")
-        if fname not in (read_back or ()) and file_digest(fpath, size) != expect["xxh3_128"]:
-            raise CheckpointError(f"{fpath}: content digest does not match contents.json (corrupted)")
+        listed = untrusted.expect(untrusted.read_json(contents_path, max_bytes=_SMALL_JSON), "files", dict,
+                                  path=contents_path, max_len=64)
+        for required in (STATE_FILE, META_FILE):
+            if required not in listed:
+                raise CheckpointError(f"{contents_path}: does not list {required}")
+        for fname in sorted(listed):
+            fpath = untrusted.safe_member(path, fname)
+            expect = untrusted.expect(listed, fname, dict, path=contents_path)
+            recorded = untrusted.expect(expect, "bytes", int, path=f"{contents_path} {fname!r}", lo=0)
+            digest = untrusted.expect(expect, "xxh3_128", str, path=f"{contents_path} {fname!r}", max_len=64)
+            if not fpath.is_file():
+                raise CheckpointError(f"{fpath}: missing")
+            size = fpath.stat().st_size
+            if size != recorded:
+                raise CheckpointError(f"{fpath}: truncated or extended: {size} bytes, {recorded} recorded")
+            if fname not in (read_back or ()) and file_digest(fpath, size) != digest:
+                raise CheckpointError(f"{fpath}: content digest does not match contents.json (corrupted)")
+    except RunDirError as e:
+        raise CheckpointError(str(e)) from e
     return cast(dict[str, Any], listed)
 
 
@@ -318,18 +381,41 @@ def check_compatible(
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Committed-looking checkpoint directories, newest step first (temporary ones excluded)."""
-    root = Path(run_dir) / CHECKPOINTS
+    root = checkpoints_root(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-             and p.name[len(PREFIX):].isdigit()]
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name)]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
 
 
+def checkpoints_root(run_dir: str | Path) -> Path:
+    """``run_dir/checkpoints``, refused if it is a symbolic link: what a run directory says must not
+    make reprokit read or write outside it."""
+    root = Path(run_dir) / CHECKPOINTS
+    if root.is_symlink():
+        raise CheckpointError(f"{root}: a symbolic link (to {os.readlink(root)!r}); a run directory's "
+                              "checkpoints lie inside it: replace the link by the directory it names")
+    return root
+
+
 def latest_pointer(run_dir: str | Path) -> str | None:
-    """The checkpoint name ``latest`` points to, if the pointer exists."""
-    path = Path(run_dir) / CHECKPOINTS / LATEST
-    return path.read_text().strip() if path.is_file() else None
+    """The checkpoint name ``latest`` points to, if the pointer exists: a plain file holding the
+    name of a checkpoint directory of this run (``step-N``), else a :class:`CheckpointError`.
+    It may name a checkpoint since deleted: readers scan the directories and never trust it alone."""
+    path = checkpoints_root(run_dir) / LATEST
+    if not path.is_file() and not path.is_symlink():
+        return None
+    try:
+        fd, _ = untrusted.open_plain(path)
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(_MAX_POINTER + 1)
+    except RunDirError as e:
+        raise CheckpointError(str(e)) from e
+    name = data.decode("utf-8", "replace").strip()
+    if len(data) > _MAX_POINTER or not _NAME.fullmatch(name):
+        raise CheckpointError(f"{path}: names {name[:60]!r}, not a checkpoint of this run (expected "
+                              f"{PREFIX}NNNNNNN); delete it: the next save writes it again")
+    return name
 
 
 def verify_run(run_dir: str | Path, *, config: Mapping[str, Any] | None = None,
@@ -343,7 +429,7 @@ def verify_run(run_dir: str | Path, *, config: Mapping[str, Any] | None = None,
     rows = []
     pointer = latest_pointer(run_dir)
     for path in list_checkpoints(run_dir):
-        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        size = 0 if path.is_symlink() else sum(f.lstat().st_size for f in path.iterdir() if f.is_file())
         row: dict[str, Any] = {"checkpoint": path.name, "step": int(path.name[len(PREFIX):]),
                                "latest": path.name == pointer, "bytes": size}
         try:
@@ -360,12 +446,12 @@ def verify_run(run_dir: str | Path, *, config: Mapping[str, Any] | None = None,
 def clean_temporaries(run_dir: str | Path) -> None:
     """Remove half-written ``.tmp-*`` directories and pointers a killed writer left behind (the
     spare tensors file stays: the resumed run's next save overwrites it)."""
-    root = Path(run_dir) / CHECKPOINTS
+    root = checkpoints_root(run_dir)
     if root.is_dir():
         for p in root.iterdir():
             if not p.name.startswith(TMP_PREFIX) or p.name == SPARE:
                 continue
-            if p.is_dir():
+            if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)

@@ -29,8 +29,10 @@ import safetensors.torch
 import torch
 import xxhash
 
-from reprokit.errors import ReprokitError
+from reprokit import untrusted
+from reprokit.errors import RunDirError as RunDirError  # one class; ``reprokit.rundir.RunDirError`` stays
 from reprokit.fingerprints import FINGERPRINT_COLUMNS, FINGERPRINTS, GRAD_COLUMNS, GRADS
+from reprokit.runlock import RunLock
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.csv"
@@ -44,10 +46,18 @@ DIGEST_COLUMNS = ("step", "tensor", "digest")
 # kind: "step" (one per optimizer step), "log" (run.log between steps), "init" (a script run's step 0);
 # metrics: a script run's own metrics as a JSON object (read_metrics spreads them into columns)
 METRIC_COLUMNS = ("step", "epoch", "loss", "lr", "digest", "val_loss", "val_metric", "kind", "metrics")
-
-
-class RunDirError(ReprokitError):
-    """A run directory is missing, incomplete or already used."""
+# the top-level fields of a run directory's JSON files that readers use, with the type each must have
+# when present (None allowed where readers write ``x.get(k) or {}``): a forged file is refused on read
+_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    MANIFEST: {"config": (dict,), "kind": (str,), "run_id": (str,), RESUMES: (list,), "fingerprint": (str,),
+               "code": (dict, type(None)), "data": (dict, type(None)), "lineage": (dict, type(None)),
+               "seeding": (dict, type(None)), "entry": (dict, type(None)), "settings": (dict, type(None)),
+               "tracked": (dict, type(None)), "environment": (dict, type(None)),
+               "overrides": (dict, type(None))},
+    RESULT: {"final_digest": (str,), "steps": (int,), "final_metric": (float, int, type(None)),
+             "metric_name": (str, type(None)), "seconds": (float, int), "metrics": (dict, type(None))},
+}
+_REQUIRED = {MANIFEST: ("config",), RESULT: ("final_digest",)}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -92,30 +102,50 @@ def append_resume(run_dir: str | Path, entry: Mapping[str, Any]) -> None:
 
 
 class RunWriter:
-    """Writes one run directory as training goes."""
+    """Writes one run directory as training goes; owns the directory's :class:`RunLock`, if given,
+    and releases it when it closes."""
 
     def __init__(self, path: str | Path, manifest: Mapping[str, Any], *,
-                 truncate_to: Mapping[str, int] | None = None) -> None:
+                 truncate_to: Mapping[str, int] | None = None, lock: RunLock | None = None) -> None:
         """Start a new run directory, or with ``truncate_to`` reopen an existing one for a resume:
         its metrics and digests files are cut back to the given byte lengths (what a checkpoint
         recorded) and appended to from there."""
-        self.path = Path(path)
-        if truncate_to is None:
-            if (self.path / MANIFEST).exists():
-                raise RunDirError(
-                    f"run directory {str(self.path)!r} already holds a run (it has {MANIFEST}); "
-                    "pass a new --run-dir, delete the old one, or `reprokit resume` it"
-                )
-            self.path.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.path / MANIFEST, manifest)
-        self._manifest_digest = manifest_digest(manifest)
-        self._run_id = str(manifest.get("run_id", ""))
-        self._metrics_file, self._metrics = _csv(self.path / METRICS, METRIC_COLUMNS, truncate_to)
-        self._digests_file, self._digests = _csv(self.path / DIGESTS, DIGEST_COLUMNS, truncate_to)
-        self._digest_names: dict[str, str] = {}  # tensor name -> its csv field
-        self._fingerprints_file, self._fingerprints = _csv(self.path / FINGERPRINTS, FINGERPRINT_COLUMNS,
-                                                           truncate_to)
-        self._grads_file, _ = _csv(self.path / GRADS, GRAD_COLUMNS, truncate_to)
+        self.path, self._lock = Path(path), lock
+        self._open: dict[str, IO[str]] = {}  # file name -> file
+        try:
+            if truncate_to is None:
+                if (self.path / MANIFEST).exists():
+                    raise RunDirError(
+                        f"run directory {str(self.path)!r} already holds a run (it has {MANIFEST}); "
+                        "pass a new --run-dir, delete the old one, or `reprokit resume` it"
+                    )
+                self.path.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(self.path / MANIFEST, manifest)
+            self._manifest_digest = manifest_digest(manifest)
+            self._run_id = str(manifest.get("run_id", ""))
+            self._metrics_file, self._metrics = self._csv(METRICS, METRIC_COLUMNS, truncate_to)
+            self._digests_file, self._digests = self._csv(DIGESTS, DIGEST_COLUMNS, truncate_to)
+            self._digest_names: dict[str, str] = {}  # tensor name -> its csv field
+            self._fingerprints_file, self._fingerprints = self._csv(FINGERPRINTS, FINGERPRINT_COLUMNS,
+                                                                    truncate_to)
+            self._grads_file, _ = self._csv(GRADS, GRAD_COLUMNS, truncate_to)
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def holding(cls, path: str | Path, lock: RunLock | None) -> RunWriter:
+        """A writer with no file open that only holds ``lock``: a relaunch's, until its checkpoint
+        is settled and the writer opened there (:func:`RunWriter` with the lock it then holds)."""
+        writer = cls.__new__(cls)
+        writer.path, writer._lock, writer._open = Path(path), lock, {}
+        return writer
+
+    def _csv(self, name: str, header: tuple[str, ...],
+             truncate_to: Mapping[str, int] | None) -> tuple[IO[str], Any]:
+        f, writer = _csv(self.path / name, header, truncate_to)
+        self._open[name] = f
+        return f, writer
 
     def manifest_digest(self) -> str:
         return self._manifest_digest
@@ -129,10 +159,10 @@ class RunWriter:
         """Flush and fsync the append-only files; return their byte lengths (a checkpoint keeps
         them, so a resume can drop the rows written after it)."""
         sizes = {}
-        for f in self._files():
+        for name, f in self._open.items():
             f.flush()
             os.fsync(f.fileno())
-            sizes[Path(f.name).name] = f.tell()
+            sizes[name] = f.tell()
         return sizes
 
     def step(self, row: Mapping[str, Any], tensor_digests: Mapping[str, str] | None) -> None:
@@ -159,23 +189,29 @@ class RunWriter:
         file.flush()
 
     def finish(self, state: Mapping[str, torch.Tensor], result: Mapping[str, Any]) -> None:
-        self.close()
+        for f in self._files():
+            f.close()
         tmp = self.path / f".{MODEL}.tmp"
         torch.save(dict(state), tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        with open(tmp, "rb") as model:
+            os.fsync(model.fileno())
         os.replace(tmp, self.path / MODEL)
         header = {"final_digest": str(result["final_digest"]), "run_id": self._run_id,
                   WEIGHTS_ORDER: json.dumps(list(state))}  # the digest's order: verifiable on its own
         atomic_write_bytes(self.path / WEIGHTS, safetensors.torch.save(dict(state), metadata=header))
         atomic_write_json(self.path / RESULT, result)
+        self.close()  # the lock last: result.json is written
 
     def _files(self) -> tuple[IO[str], ...]:
-        return self._metrics_file, self._digests_file, self._fingerprints_file, self._grads_file
+        return tuple(self._open.values())
 
     def close(self) -> None:
+        """Close the files and release the lock (once; later calls do nothing)."""
         for f in self._files():
             f.close()
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
 
 def _csv_field(value: str) -> str:
@@ -186,37 +222,57 @@ def _csv_field(value: str) -> str:
 
 def _csv(path: Path, header: tuple[str, ...], truncate_to: Mapping[str, int] | None) -> tuple[IO[str], Any]:
     if truncate_to is None or truncate_to.get(path.name, 0) == 0:
-        f = open(path, "w", newline="")  # noqa: SIM115 - closed by RunWriter.close
+        f = _open_no_follow(path, os.O_TRUNC)
         writer = csv.writer(f)
         writer.writerow(header)
         return f, writer
-    size = truncate_to[path.name]
-    if not path.is_file() or path.stat().st_size < size:
-        raise RunDirError(
-            f"{str(path)!r} is shorter than the {size} bytes the checkpoint recorded; the run "
-            "directory was changed after the checkpoint was taken"
-        )
-    os.truncate(path, size)
-    f = open(path, "a", newline="")  # noqa: SIM115 - closed by RunWriter.close
+    # a size the file cannot have (forged, or the file cut since) is a RunDirError, not EINVAL
+    untrusted.safe_truncate(path, truncate_to[path.name])
+    f = _open_no_follow(path, os.O_APPEND)
     return f, csv.writer(f)
 
 
+def _open_no_follow(path: Path, flag: int) -> IO[str]:
+    """``path`` opened for writing text; a symlink there (it may lead out of the run directory) is refused."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | flag, 0o644)
+    except OSError as e:
+        raise RunDirError(f"{path}: cannot be opened for writing ({e.strerror}); a run directory's files "
+                          "are plain files, not symbolic links") from None
+    return open(fd, "a" if flag == os.O_APPEND else "w", newline="")
+
+
 def read_json(run_dir: str | Path, name: str) -> dict[str, Any]:
+    """A JSON object of the run directory, checked (:func:`reprokit.untrusted.read_json`: size,
+    depth, UTF-8, a plain file) and, for the manifest and result, the types of the fields readers
+    use; anything else is a :class:`RunDirError` naming the file and the problem."""
     path = Path(run_dir) / name
-    if not path.is_file():
+    if not path.is_file() and not path.is_symlink():
         raise RunDirError(f"{str(path)!r} is missing; is {str(run_dir)!r} a reprokit run directory?")
-    data: dict[str, Any] = json.loads(path.read_text())
+    data = untrusted.read_json(path)
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path}: holds {type(data).__name__} {str(data)[:60]!r}, not a JSON object; "
+                          "the file is damaged or not reprokit's")
+    for key in _REQUIRED.get(name, ()):
+        if key not in data:
+            raise RunDirError(f"{path}: field {key!r} is missing; the file is damaged or not reprokit's")
+    for key, types in _FIELDS.get(name, {}).items():
+        value = data.get(key)
+        if key in data and type(value) not in types:
+            wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise RunDirError(f"{path}: field {key!r} is {str(value)[:60]!r} ({type(value).__name__}); "
+                              f"expected {wanted} (the file is damaged or not reprokit's)")
     return data
 
 
 def read_metrics(run_dir: str | Path) -> pd.DataFrame:
     """metrics.csv as a DataFrame, one row per step (a script run: and per ``run.log``), with a
     script run's own metrics spread into columns of their names."""
-    frame = pd.read_csv(Path(run_dir) / METRICS, dtype={"digest": str, "kind": str, "metrics": str})
+    path = Path(run_dir) / METRICS
+    frame = _read_csv(path, dtype={"digest": str, "kind": str, "metrics": str})
     if "metrics" in frame:
         cells = frame.pop("metrics")
-        extra = pd.DataFrame([json.loads(c) if isinstance(c, str) and c else {} for c in cells],
-                             index=frame.index)
+        extra = pd.DataFrame([_metrics_cell(path, c) for c in cells], index=frame.index)
         frame = frame.join(extra.drop(columns=[c for c in extra if c in frame]))
     if "kind" in frame and frame["kind"].isna().all():
         frame = frame.drop(columns="kind")
@@ -224,6 +280,38 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
         if column in frame and frame[column].isna().all() and "kind" in frame:
             frame = frame.drop(columns=column)  # a script run's: its own metrics have their own names
     return frame
+
+
+def _metrics_cell(path: Path, cell: Any) -> dict[str, Any]:
+    if not isinstance(cell, str) or not cell:
+        return {}
+    try:
+        value = json.loads(cell)
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise RunDirError(f"{path}: a metrics cell {cell[:60]!r} is not a JSON object; the file is damaged")
+    return value
+
+
+def _read_csv(path: Path, **kwargs: Any) -> pd.DataFrame:
+    """A run directory's CSV file; a missing, linked, unparsable or column-less one is a RunDirError."""
+    fd, _ = untrusted.open_plain(path)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            frame: pd.DataFrame = pd.read_csv(f, **kwargs)
+            return frame
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, KeyError) as e:
+        raise RunDirError(f"{path}: not a CSV file reprokit wrote ({str(e).splitlines()[0][:200]})") from None
+
+
+def _step_groups(path: Path, frame: pd.DataFrame) -> list[tuple[int, dict[str, str]]]:
+    steps_ok = frame.empty or ("step" in frame and pd.api.types.is_integer_dtype(frame["step"]))
+    if list(frame.columns[:3]) != list(DIGEST_COLUMNS) or not steps_ok:
+        raise RunDirError(f"{path}: columns {list(frame.columns)[:5]} (step of dtype "
+                          f"{frame.dtypes.get('step')}); expected {list(DIGEST_COLUMNS)} with integer steps")
+    return [(int(cast(int, step)), dict(zip(group["tensor"], group["digest"], strict=True)))
+            for step, group in frame.groupby("step", sort=True)]
 
 
 def step_rows(frame: pd.DataFrame) -> pd.DataFrame:
@@ -235,11 +323,8 @@ def step_rows(frame: pd.DataFrame) -> pd.DataFrame:
 
 def read_digests(run_dir: str | Path) -> list[tuple[int, dict[str, str]]]:
     """digests.csv as ``[(step, {tensor: digest})]``, the form :func:`first_divergence` takes."""
-    frame = pd.read_csv(Path(run_dir) / DIGESTS, dtype={"tensor": str, "digest": str})
-    return [
-        (int(cast(int, step)), dict(zip(group["tensor"], group["digest"], strict=True)))
-        for step, group in frame.groupby("step", sort=True)
-    ]
+    path = Path(run_dir) / DIGESTS
+    return _step_groups(path, _read_csv(path, dtype={"tensor": str, "digest": str}))
 
 
 def read_grads(run_dir: str | Path) -> list[tuple[int, dict[str, str]]]:
@@ -247,9 +332,7 @@ def read_grads(run_dir: str | Path) -> list[tuple[int, dict[str, str]]]:
     path = Path(run_dir) / GRADS
     if not path.is_file():
         return []
-    frame = pd.read_csv(path, dtype={"tensor": str, "digest": str})
-    return [(int(cast(int, step)), dict(zip(group["tensor"], group["digest"], strict=True)))
-            for step, group in frame.groupby("step", sort=True)]
+    return _step_groups(path, _read_csv(path, dtype={"tensor": str, "digest": str}))
 
 
 def read_fingerprints(run_dir: str | Path) -> pd.DataFrame:
@@ -258,15 +341,27 @@ def read_fingerprints(run_dir: str | Path) -> pd.DataFrame:
     path = Path(run_dir) / FINGERPRINTS
     if not path.is_file():
         return pd.DataFrame(columns=list(FINGERPRINT_COLUMNS))
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    frame["step"] = frame["step"].astype(int)
+    frame = _read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        frame["step"] = frame["step"].astype(int)
+    except (KeyError, ValueError, OverflowError):
+        raise RunDirError(f"{path}: its step column is missing or not integers; the file is damaged"
+                          ) from None
     return frame
 
 
 def read_model(run_dir: str | Path) -> dict[str, torch.Tensor]:
     """The final state_dict, loaded without unpickling arbitrary objects."""
     path = Path(run_dir) / MODEL
-    if not path.is_file():
+    if not path.is_file() and not path.is_symlink():
         raise RunDirError(f"{str(path)!r} is missing; the run did not finish")
-    state: dict[str, torch.Tensor] = torch.load(path, weights_only=True)
+    fd, _ = untrusted.open_plain(path)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            state = torch.load(f, weights_only=True)
+    except Exception as e:  # a forged or damaged file: what torch.load raises varies with the damage
+        raise RunDirError(f"{path}: cannot be loaded as a state_dict of tensors "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise RunDirError(f"{path}: holds {type(state).__name__}, not a state_dict of tensors")
     return state

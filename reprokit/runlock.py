@@ -2,9 +2,10 @@
 
 Not a pid file: the kernel drops an flock when its last descriptor closes, so a SIGKILLed run leaves
 no stale lock. The file names the holder (pid, host, since, argv) for a refused second writer;
-readers never lock. A forked child (a DataLoader worker) shares the lock, which belongs to the open
-file description (flock(2)); it never unlocks for its parent, and a dead writer's lock lasts until
-its last worker exits. ``subprocess`` children do not inherit it (PEP 446).
+readers never lock. The lock belongs to the open file description (flock(2)), which a forked child
+(a DataLoader worker) would share, keeping a SIGKILLed writer's lock until its last worker noticed;
+so a forked child closes its copy at once (``os.register_at_fork``) and never unlocks for its parent.
+``subprocess`` children do not inherit it (PEP 446).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import socket
 import stat
 import sys
 import time
+import weakref
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,9 @@ LOCK_FILE = ".lock"
 _MAX_RECORD = 1 << 16  # a holder record is ~200 bytes; more is not ours and is not read
 _RECORD_WAIT = 0.5  # seconds a refused writer waits for the winner to write its record
 _FIX = "remove it if it is not a plain file, or pick another run directory"
+# the locks this process holds, by run directory (device, inode): what the kernel knows, kept so that
+# a relaunch's writer can take over the lock its opening took, and a forked child can let go of them
+_HELD: weakref.WeakValueDictionary[tuple[int, int], RunLock] = weakref.WeakValueDictionary()
 
 
 class RunLock:
@@ -58,6 +63,7 @@ class RunLock:
             os.close(fd)
             raise
         self._fd, self._pid, self._count = fd, os.getpid(), 1
+        _HELD[_key(self.run_dir)] = self
         return self
 
     def release(self) -> None:
@@ -67,6 +73,8 @@ class RunLock:
             return
         fd, self._fd, self._count = self._fd, None, 0
         if fd is not None:
+            for key in [k for k, v in list(_HELD.items()) if v is self]:
+                _HELD.pop(key, None)
             if self._pid == os.getpid():
                 os.ftruncate(fd, 0)  # before unlocking: afterwards it may be the next holder's record
                 fcntl.flock(fd, fcntl.LOCK_UN)
@@ -81,6 +89,31 @@ class RunLock:
     def __del__(self) -> None:
         self._count = min(self._count, 1)
         self.release()
+
+
+def held(run_dir: str | Path) -> RunLock | None:
+    """The :class:`RunLock` this process holds on ``run_dir`` (any spelling of it), if any."""
+    try:
+        return _HELD.get(_key(Path(run_dir)))
+    except OSError:
+        return None
+
+
+def _key(run_dir: Path) -> tuple[int, int]:
+    info = os.stat(run_dir)
+    return info.st_dev, info.st_ino
+
+
+def _forget_in_child() -> None:
+    """In a forked child: close its copies of the lock descriptors (the parent's lock stays held)."""
+    for lock in list(_HELD.values()):
+        if lock._fd is not None:
+            os.close(lock._fd)
+        lock._fd, lock._count = None, 0
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def holder(run_dir: str | Path) -> dict[str, Any] | None:

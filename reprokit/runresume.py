@@ -12,12 +12,13 @@ import argparse
 import dataclasses
 import enum
 import json
+import os
 import sys
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import xxhash
@@ -26,6 +27,7 @@ from torch import nn
 from reprokit.checkpoint import (
     CHECKPOINTS,
     RNG_KEY,
+    STATE_FILE,
     CheckpointError,
     CheckpointMeta,
     check_compatible,
@@ -35,6 +37,7 @@ from reprokit.checkpoint import (
 )
 from reprokit.differences import config_differences
 from reprokit.digests import model_digest
+from reprokit.distributed import RANK
 from reprokit.entrypoint import code_root, entry_point
 from reprokit.errors import ConfigError, ReprokitError
 from reprokit.ledger import LedgerEntry
@@ -48,6 +51,7 @@ from reprokit.provenance import (
     script_manifest,
 )
 from reprokit.rundir import MANIFEST, RESULT, RunDirError, RunWriter, append_resume, read_json
+from reprokit.runlock import RunLock, held
 from reprokit.seeding import SeedRecord
 
 TRACKED_KEY = "tracked"  # state.pt: the tracked objects that are not modules, by name
@@ -97,14 +101,15 @@ def begin_differences(path: Path, stored: Mapping[str, Any], sources: Mapping[st
     """What changed since the run started that is known only when its data is (the data digests,
     the code of a built-in run's model/dataset factories); refused unless ``force``."""
     diffs = []
-    recorded = (stored.get("data") or {}).get("sources") or {}
+    recorded = _nested(path, stored, "data", "sources")
     if recorded and dict(recorded) != dict(sources):
         diffs += [f"data {k}: {recorded.get(k)} -> {sources.get(k)}" for k in sorted({*recorded, *sources})
                   if recorded.get(k) != sources.get(k)]
     data = described.get("data")
-    if data is not None and (stored.get("data") or {}).get("digest") != data.get("digest"):
-        diffs.append(f"data digest: {(stored.get('data') or {}).get('digest')} -> {data.get('digest')}")
-    then = {k: v.get("source_digest") for k, v in ((stored.get("code") or {}).get("factories") or {}).items()}
+    if data is not None and _nested(path, stored, "data").get("digest") != data.get("digest"):
+        diffs.append(f"data digest: {_nested(path, stored, 'data').get('digest')} -> {data.get('digest')}")
+    then = {k: _nested(path, stored, "code", "factories", k).get("source_digest")
+            for k in _nested(path, stored, "code", "factories")}
     now = {k: v.get("source_digest") for k, v in (described.get("factories") or {}).items()}
     if then != now:
         diffs.append(f"the model/dataset factory's code version: {then} -> {now}")
@@ -113,6 +118,18 @@ def begin_differences(path: Path, stored: Mapping[str, Any], sources: Mapping[st
                             "undo the change, or pass force=True (--force, REPROKIT_FORCE=1) to resume "
                             "anyway and have it recorded")
     return diffs
+
+
+def _nested(path: Path, manifest: Mapping[str, Any], *keys: str) -> dict[str, Any]:
+    """``manifest[k1][k2]...``, {} where a level is missing or null; a level that is not a JSON
+    object (a forged manifest) is a RunDirError naming the field."""
+    value: Any = manifest
+    for depth, key in enumerate(keys):
+        value = value.get(key) or {}
+        if not isinstance(value, dict):
+            raise RunDirError(f"{path / MANIFEST}: field {'.'.join(keys[:depth + 1])!r} is "
+                              f"{str(value)[:60]!r} ({type(value).__name__}); expected an object")
+    return cast(dict[str, Any], value)
 
 
 @dataclass
@@ -142,6 +159,29 @@ def open_run_dir(path: Path, config: dict[str, Any], seeds: SeedRecord, settings
     """
     if kind not in KINDS or resume not in RESUME_POLICIES:
         raise ConfigError(f"kind {kind!r} / resume {resume!r}: pass one of {KINDS} / {RESUME_POLICIES}")
+    lock = _writer_lock(path, resume)  # before any check or sweep: a second writer stops here
+    try:
+        return _open(path, lock, config, seeds, settings, env, force=force, kind=kind, resume=resume,
+                     ignore=ignore, ledger=ledger)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _writer_lock(path: Path, resume: str) -> RunLock | None:
+    """The run directory's lock, held by this process from now until its writer closes; None under
+    torchrun on a rank other than 0 (rank 0 writes the directory and holds it for all)."""
+    if os.environ.get(RANK, "0") != "0":
+        return None
+    if resume == "required" and not path.is_dir():
+        return None  # refused below, without creating the directory for it
+    return RunLock(path).acquire()
+
+
+def _open(path: Path, lock: RunLock | None, config: dict[str, Any], seeds: SeedRecord,
+          settings: dict[str, Any], env: Overrides, *, force: bool, kind: str, resume: str,
+          ignore: frozenset[str], ledger: bool) -> Opened:
     entry = entry_point()
     code = code_state(code_root(entry)) if kind == "script" else code_state()
     new = script_manifest(config, seeds, code=code, entry=entry.to_dict(), settings=settings,
@@ -149,8 +189,12 @@ def open_run_dir(path: Path, config: dict[str, Any], seeds: SeedRecord, settings
     if not (path / MANIFEST).is_file():
         if resume == "required":
             raise ResumeRefused(f"{str(path)!r} holds no run to resume (no {MANIFEST}); train it first")
-        writer = RunWriter(path, new)
-        save_code_diff(path, code)
+        writer = RunWriter(path, new, lock=lock)
+        try:
+            save_code_diff(path, code)
+        except BaseException:
+            writer.close()
+            raise
         # the ledger row is started when the run begins, with the data and the parent known
         return Opened(new, writer, None, None, fresh=True, differences=[], skipped=[])
     if resume == "never":
@@ -181,9 +225,11 @@ def open_run_dir(path: Path, config: dict[str, Any], seeds: SeedRecord, settings
     chosen, skipped = newest_valid(path, config=stored["config"], ignore=ignore)
     entry_row = LedgerEntry.open(path, stored, resumed=True) if ledger else None
     resumed = Resumed(chosen[0], chosen[1], chosen[2], skipped, stored, force) if chosen else None
-    # the writer cuts the run's files back to the checkpoint's sizes: once the checkpoint is settled
-    # (a checkpoint of another architecture is passed over when the model is known, at begin)
-    return Opened(stored, None, entry_row, resumed, fresh=False, differences=diffs, skipped=skipped)
+    # the writer cuts the run's files back to the checkpoint's sizes once the checkpoint is settled
+    # (a checkpoint of another architecture is passed over when the model is known, at begin); until
+    # then a writer with no file open holds the lock
+    return Opened(stored, RunWriter.holding(path, lock), entry_row, resumed, fresh=False, differences=diffs,
+                  skipped=skipped)
 
 
 def fitting(path: Path, chosen: _Chosen | None, architecture: Mapping[str, Any], *, config: Mapping[str, Any],
@@ -213,7 +259,9 @@ def settle(path: Path, resumed: Resumed | None, architecture: Mapping[str, Any],
         first = (resumed.meta, resumed.state, resumed.checkpoint)
         chosen = fitting(path, first, architecture, config=stored["config"], ignore=ignore, skipped=skipped)
         resumed = Resumed(chosen[0], chosen[1], chosen[2], skipped, stored, resumed.force) if chosen else None
-    writer = RunWriter(path, stored, truncate_to=resumed.meta.run_files if resumed else {})
+    # the lock open_run_dir took passes to the writer (rank 0 only; a closed holder: taken again)
+    lock = None if os.environ.get(RANK, "0") != "0" else held(path) or RunLock(path).acquire()
+    writer = RunWriter(path, stored, truncate_to=resumed.meta.run_files if resumed else {}, lock=lock)
     append_resume(path, {
         "at": _now(), "checkpoint": resumed.checkpoint if resumed else None,
         "from_step": resumed.meta.step if resumed else 0, "skipped": [list(s) for s in skipped],
@@ -259,8 +307,26 @@ def newest_valid(path: Path, *, below: int | None = None, config: Mapping[str, A
         if POSITION_KEY not in state or TRACKED_KEY not in state or RNG_KEY not in state:
             skipped.append((ckpt.name, "not written by reprokit.Run (no position or tracked state)"))
             continue
+        problem = _position_problem(state)
+        if problem is not None:
+            skipped.append((ckpt.name, f"{ckpt / STATE_FILE}: {problem}; the checkpoint is damaged"))
+            continue
         return (meta, state, ckpt.name), skipped
     return None, skipped
+
+
+def _position_problem(state: Mapping[str, Any]) -> str | None:
+    """What is wrong with a checkpoint's position and tracked state, if anything (their types)."""
+    position, tracked = state[POSITION_KEY], state[TRACKED_KEY]
+    if not isinstance(position, dict) or not isinstance(tracked, dict):
+        return f"position {type(position).__name__} / tracked {type(tracked).__name__}, expected dicts"
+    for key, kind in (("tracked", list), ("modules", list), ("loaders", dict)):
+        if not isinstance(position.get(key), kind):
+            return f"position[{key!r}] is {str(position.get(key))[:60]!r}, expected a {kind.__name__}"
+    names = [*position["tracked"], *position["modules"], *position["loaders"]]
+    if not all(isinstance(n, str) for n in names):
+        return f"position names {names[:5]} are not all strings"
+    return None
 
 
 def record_begin(writer: RunWriter, manifest: dict[str, Any], sources: dict[str, str],
@@ -289,19 +355,29 @@ def restore_tracked(tracked: dict[str, Any], model_state: dict[str, torch.Tensor
     if list(modules) != list(module_names):
         raise ResumeRefused(f"the checkpoint holds modules {module_names}, this run tracks {list(modules)}")
     if len(modules) == 1:
-        next(iter(modules.values())).load_state_dict(model_state)
+        _load(path, *next(iter(modules.items())), model_state)
     else:
         for name, module in modules.items():
             prefix = f"{name}."
-            module.load_state_dict({k.removeprefix(prefix): v for k, v in model_state.items()
-                                    if k.startswith(prefix)})
+            _load(path, name, module, {k.removeprefix(prefix): v for k, v in model_state.items()
+                                       if k.startswith(prefix)})
     for name, obj in tracked.items():
         if not isinstance(obj, nn.Module):
-            obj.load_state_dict(others[name])
+            if not isinstance(others, dict) or name not in others:
+                raise CheckpointError(f"{path}: holds no state for the tracked object {name!r}")
+            _load(path, name, obj, others[name])
     state = next(iter(modules.values())).state_dict() if len(modules) == 1 else {
         f"{n}.{k}": v for n, m in modules.items() for k, v in m.state_dict().items()}
     if model_digest(state) != meta.model_digest:
         raise CheckpointError(f"{path}: the loaded weights do not match the digest the checkpoint recorded")
+
+
+def _load(path: Path, name: str, obj: Any, state: Any) -> None:
+    try:
+        obj.load_state_dict(state)
+    except Exception as e:  # a damaged or forged state: what load_state_dict raises varies with it
+        raise CheckpointError(f"{path}: the state of {name!r} does not load into it "
+                              f"({type(e).__name__}: {str(e).strip()[:200]})") from e
 
 
 def config_mapping(config: Any) -> dict[str, Any]:

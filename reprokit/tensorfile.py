@@ -17,6 +17,7 @@ skeleton, where ``torch.save`` handles them as before.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +25,9 @@ from typing import Any, Protocol
 
 import safetensors.torch
 import torch
+
+from reprokit import untrusted
+from reprokit.errors import RunDirError
 
 MARK = "__reprokit_tensor__"  # the key of a placeholder dict in the skeleton
 _NAMES = {dtype: name for name, dtype in safetensors.torch._TYPES.items()}  # torch dtype -> "F32" ...
@@ -85,22 +89,29 @@ def read(path: Path) -> dict[str, torch.Tensor]:
 
     Not ``safetensors.torch.load_file``: its tensors map the file, so truncating or rewriting the
     file later crashes whoever holds them (SIGBUS), and an optimizer keeps them as its state.
-    Raises ValueError for a file that is not what its header says.
+    The header is checked against the file first (:func:`reprokit.untrusted.check_safetensors_header`:
+    its length, dtypes, shapes and offsets), so a forged shape allocates nothing; a file that is
+    not what its header says raises :class:`reprokit.errors.RunDirError`.
     """
+    header = untrusted.check_safetensors_header(path)
     tensors: dict[str, torch.Tensor] = {}
-    with open(path, "rb") as f:
+    fd, _ = untrusted.open_plain(path)
+    with os.fdopen(fd, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
         start = 8 + length
-        entries = sorted((v["data_offsets"], k, v) for k, v in header.items() if k != "__metadata__")
-        position = 0
-        for (begin, end), name, entry in entries:
-            tensor = torch.empty(entry["shape"], dtype=safetensors.torch._TYPES[entry["dtype"]])
-            if begin != position or end - begin != tensor.numel() * tensor.element_size():
-                raise ValueError(f"tensor {name!r}: offsets {begin}..{end} do not fit its shape and dtype")
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = safetensors.torch._TYPES.get(entry["dtype"])
+            if dtype is None:
+                raise RunDirError(f"{path}: tensor {name!r} has dtype {entry['dtype']} that this torch "
+                                  "cannot hold")
+            begin, end = entry["data_offsets"]
+            tensor = torch.empty(entry["shape"], dtype=dtype)
             if end > begin:
                 f.seek(start + begin)
                 if f.readinto(tensor.view(-1).view(torch.uint8).numpy().data) != end - begin:
-                    raise ValueError(f"tensor {name!r}: the file ends inside it")
-            tensors[name], position = tensor, end
+                    raise RunDirError(f"{path}: tensor {name!r}: the file ends inside it (it was cut "
+                                      "while being read)")
+            tensors[name] = tensor
     return tensors

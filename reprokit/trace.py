@@ -40,9 +40,10 @@ import xxhash
 
 from reprokit.callbacks import Callback, TrainState
 from reprokit.digests import tensor_digest
-from reprokit.errors import ReprokitError
+from reprokit.errors import ReprokitError, RunDirError
 from reprokit.flatsums import FlatSums
 from reprokit.rundir import atomic_write_bytes
+from reprokit.untrusted import open_plain, safe_truncate
 
 TRACE = "trace.csv"
 IMPORTANCE = "importance.csv"
@@ -155,7 +156,13 @@ class Tracer(Callback):
         return {"trace_bytes": self._file.tell(), "totals": self._totals, "traced": self._traced}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        self._resume_bytes = int(state["trace_bytes"]) if state else None
+        """The checkpoint's record (a checkpoint may come from someone else: its types are checked)."""
+        if state is not None and not (isinstance(state, dict) and type(state.get("trace_bytes")) is int
+                                      and type(state.get("traced", 0)) is int
+                                      and _totals_ok(state.get("totals"))):
+            raise TraceError(f"the checkpoint's trace state {str(state)[:80]!r} is not a trace_bytes int, "
+                             "a traced int and totals of two float lists; the checkpoint is damaged")
+        self._resume_bytes = state["trace_bytes"] if state else None
         self._restored = {"totals": state.get("totals"), "traced": state.get("traced", 0)} if state else None
 
     def frame(self) -> pd.DataFrame:
@@ -166,10 +173,8 @@ class Tracer(Callback):
         """A new trace.csv, or after a resume the old one cut back to the checkpoint's length."""
         path.parent.mkdir(parents=True, exist_ok=True)
         if self._resume_bytes is not None:
-            if not path.is_file() or path.stat().st_size < self._resume_bytes:
-                raise TraceError(f"{str(path)!r} is shorter than the {self._resume_bytes} bytes the "
-                                 "checkpoint recorded; it was changed after the checkpoint was taken")
-            os.truncate(path, self._resume_bytes)  # rows a killed process wrote after the checkpoint
+            # rows a killed process wrote after the checkpoint; a size the file cannot have: RunDirError
+            safe_truncate(path, self._resume_bytes)
             self._resume_bytes = None
         else:
             path.write_text(",".join(TRACE_COLUMNS) + "\n")
@@ -231,6 +236,11 @@ class Tracer(Callback):
         return digests
 
 
+def _totals_ok(totals: Any) -> bool:  # None, or two lists of numbers (SNIP and Fisher sums per tensor)
+    return totals is None or (isinstance(totals, list) and len(totals) == 2 and all(
+        isinstance(t, list) and all(type(v) in (int, float) for v in t) for t in totals))
+
+
 def _ratio(num: float, den: float) -> float:
     """num / den, with 0/0 = 0 (a zero tensor that stayed zero) and x/0 = inf for x > 0; NaN stays."""
     if den == 0:
@@ -243,14 +253,24 @@ def read_trace(run_dir: str | Path) -> pd.DataFrame:
     path = Path(run_dir) / TRACE
     if not path.is_file():
         raise TraceError(f"{str(path)!r} is missing; train with callbacks=(Tracer(run_dir),) to record it")
-    return pd.read_csv(path, dtype={"tensor": str, "digest": str})
+    return _read_csv(path, {"tensor": str, "digest": str})
+
+
+def _read_csv(path: Path, dtype: dict[str, type]) -> pd.DataFrame:
+    fd, _ = open_plain(path)  # a symlink (it may lead out of the run directory) is a RunDirError
+    try:
+        with os.fdopen(fd, "rb") as f:
+            frame: pd.DataFrame = pd.read_csv(f, dtype=dtype)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise RunDirError(f"{path}: not a CSV file reprokit wrote ({str(e).splitlines()[0][:200]})") from None
+    return frame
 
 
 def read_importance(run_dir: str | Path) -> pd.DataFrame:
     """importance.csv, or for a run that has not finished, the importance of the steps traced so far."""
     path = Path(run_dir) / IMPORTANCE
     if path.is_file():
-        return pd.read_csv(path, dtype={"tensor": str})
+        return _read_csv(path, {"tensor": str})
     return importance(read_trace(run_dir))
 
 

@@ -49,6 +49,12 @@ def read_json(path: str | Path, *, max_bytes: int = MAX_JSON_BYTES, max_depth: i
     return value
 
 
+def open_plain(path: str | Path) -> tuple[int, int]:
+    """A read-only descriptor of ``path`` and its size; a symlink, a missing file or anything but a
+    plain file is a RunDirError. The caller closes the descriptor."""
+    return _open_plain(Path(path), os.O_RDONLY)
+
+
 def _open_plain(path: Path, flags: int) -> tuple[int, int]:
     """A descriptor of ``path`` and its size, refusing a symlink (it may lead out of the run directory)."""
     try:
@@ -238,7 +244,8 @@ def _check_tensors(path: Path, header: dict[str, Any], data_bytes: int) -> None:
         begin, end = (expect(offsets, i, int, path=f"{where} data_offsets", lo=0, hi=data_bytes + 1)
                       for i in range(2))
         if end - begin != math.prod(dims) * DTYPE_BYTES[dtype]:
-            raise RunDirError(f"{where}: data_offsets {begin}..{end} do not fit shape {dims} of {dtype}")
+            raise RunDirError(f"{where}: offsets {begin}..{end} do not fit its shape and dtype "
+                              f"(shape {dims} of {dtype})")
         spans.append((begin, end, name))
     position = 0
     for begin, end, name in sorted(spans):
