@@ -27,85 +27,41 @@ import atexit
 import contextlib
 import dataclasses
 import math
-import signal
-import sys
-import threading
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import torch
-
-from reprokit.callbacks import Callback, TrainState, callback_keys
-from reprokit.checkpoint import CALLBACKS_KEY, MODEL_KEY, RNG_KEY, CheckpointMeta, Snapshot, architecture
+from reprokit.callbacks import Callback
+from reprokit.checkpoint import Snapshot
 from reprokit.checkpointer import Checkpointer
 from reprokit.datadigest import digest_data
 from reprokit.digests import combine_digests, state_digests
 from reprokit.errors import ConfigError, DataError, ReprokitError
-from reprokit.faults import NO_FAULTS, Faults, flip_bit, kill_self
-from reprokit.ledger import LedgerEntry
+from reprokit.faults import NO_FAULTS, Faults, kill_self
 from reprokit.overrides import Overrides, read_overrides
-from reprokit.rundir import MANIFEST, RunWriter, read_json
 from reprokit.runloader import RunLoader, loader_arguments, with_workers
 from reprokit.runrecorder import StepRecorder, csv_row, loss_value, number, put_metrics
 from reprokit.runresume import (
-    POSITION_KEY,
-    TRACKED_KEY,
     Resumed,
     ResumeRefused,
     RunFinished,
-    begin_differences,
     config_mapping,
     open_run_dir,
-    record_begin,
-    restore_tracked,
-    settle,
 )
 from reprokit.runsettings import resolve_settings
+from reprokit.runsnapshot import take_snapshot
+from reprokit.runstart import RunStart
+from reprokit.runstop import EXIT_STOPPED, ResumeInfo, RunSummary, StopSignals, progress_bar
 from reprokit.runtracked import Tracked
-from reprokit.seeding import (
-    RngState,
-    capture_rng_state,
-    derive_seed,
-    restore_rng_state,
-    seed_everything,
-)
+from reprokit.seeding import seed_everything
 from reprokit.trace import Tracer
 
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT with a checkpoint; relaunch to resume
-
-__all__ = ["EXIT_STOPPED", "ResumeRefused", "Run", "RunFinished", "RunSummary"]
+__all__ = ["EXIT_STOPPED", "ResumeInfo", "ResumeRefused", "Run", "RunFinished", "RunSummary"]
 
 
-@dataclass(frozen=True)
-class RunSummary:
-    """What :meth:`Run.finish` wrote to result.json."""
-
-    run_dir: Path
-    final_digest: str
-    metric_name: str | None
-    final_metric: float
-    steps: int
-    seconds: float
-    resumed_from_step: int | None
-
-
-@dataclass(frozen=True)
-class ResumeInfo:
-    """How a relaunched run got going again."""
-
-    checkpoint: str | None  # the checkpoint it continued from; None = restarted from step 0
-    from_step: int
-    skipped: tuple[tuple[str, str], ...]  # (checkpoint, why it was not used), newest first
-    latency_seconds: float  # from the Run() call to the first step: verify, load, restore
-    differences: tuple[str, ...]  # recipe changes accepted with force
-    forced: bool
-
-
-class Run:
+class Run(RunStart):
     """A run of the user's own loop. See the module docstring; arguments as in DESIGN.md.
 
     Args:
@@ -189,12 +145,11 @@ class Run:
         self._state: Any = None  # the TrainState the callbacks see
         self._begun = self._pending = self._in_epochs = self._init_pending = False
         self._done = False
-        self._stop: int | None = None
         self._last_logged: dict[str, float] = {}
         self._started = started
         self._latency: float | None = None
         self._bar: Any = None
-        self._handlers = _install_signals(self._on_signal)
+        self._signals = StopSignals()
         atexit.register(self._at_exit)
 
     # --- what a checkpoint holds -------------------------------------------------------------
@@ -247,7 +202,7 @@ class Run:
                 if self.at_end:  # the step limit ended the epoch early: it is not over
                     break
                 self.epoch += 1
-                if self._stop is not None and self.epoch < n:
+                if self._signals.requested is not None and self.epoch < n:
                     self._stop_now()
         finally:
             self._in_epochs = False
@@ -282,9 +237,9 @@ class Run:
             self._checkpointer.save(self._snapshot)
         self._expect_step()
         if self._bar is None:
-            self._bar = _progress_bar(self._progress, self.steps, step - 1, self.path.name)
+            self._bar = progress_bar(self._progress, self.steps, step - 1, self.path.name)
         self._bar.update()
-        if self._stop is not None:
+        if self._signals.requested is not None:
             self._stop_now()
 
     def _enter_step(self) -> None:
@@ -375,163 +330,26 @@ class Run:
             self._close("crashed")
 
     # --- internals ---------------------------------------------------------------------------
-    def begin(self) -> None:
-        """Start the run now: settle a relaunch's checkpoint (``global_step`` is then where it goes
-        on from) and complete the manifest. It starts by itself at the first ``epochs()``, loader
-        ``iter()``, ``step()`` or ``log()``."""
-        self._begin()
-
-    def _begin(self) -> None:
-        if self._begun:
-            return
-        modules = self._tracked.fix()
-        self._begun = True
-        sources = {f"loader{ld.index}": ld.digest for ld in self._loaders if ld.digest is not None}
-        if self._extra_data is not None:
-            sources["data"] = self._extra_data
-        self._state = TrainState(self.config, modules[0], self._tracked.optimizer(), None, self.steps or 0)
-        if self.resuming:
-            self._differences += begin_differences(self.path, self._manifest, sources, self._described,
-                                                   force=self._force)
-            self._resumed, self._writer = settle(
-                self.path, self._resumed, architecture(self._module_state()), ignore=self._ignore,
-                differences=self._differences, skipped=self._skipped, threads=self.seeds.threads)
-        if self._resumed is None:  # a new run, or a relaunch with no checkpoint that fits: step 0
-            self._begin_at_zero(sources)
-            return
-        self._resumed.check_names(list(self._tracked.objects))
-        self.global_step, self.epoch = self._resumed.meta.step, self._resumed.meta.epoch
-        self.resumed_from = self.global_step
-        self._pending = True
-        for ld in self._loaders:
-            saved = self._resumed.state[POSITION_KEY]["loaders"].get(str(ld.index))
-            if saved is not None:
-                ld.load_state(saved)
-        self._expect_step()
-
-    def _begin_at_zero(self, sources: dict[str, Any]) -> None:
-        """Start from step 0: complete the manifest, the ledger row, θ_0's digests and streams."""
-        self.global_step = self.epoch = 0
-        assert self._writer is not None
-        if self.resuming:  # the manifest as on disk now: its resumes log included
-            self._manifest = read_json(self.path, MANIFEST)
-        if self._flip is not None:  # the one-bit perturbation, before θ_0 is digested
-            self._manifest["perturbation"] = flip_bit(self._module_state(), self._flip)
-        if not self.resuming or self._manifest["data"].get("digest") is None:
-            self._manifest = record_begin(self._writer, self._manifest, sources,
-                                          {n: type(o).__name__ for n, o in self._tracked.objects.items()},
-                                          self._described)
-        if not self.resuming and self._record_ledger:
-            self._ledger = LedgerEntry.open(self.path, self._manifest)
-        # the step-0 row: θ_0's digests now, written with the initial model's metrics if a
-        # run.log() comes before the first step
-        self._init_pending = True
-        if self.sources.per_source:  # dropout's stream, whatever initialisation consumed
-            torch.manual_seed(derive_seed(self.sources.dropout, "dropout"))
-        self._recorder.take_init(self._module_state())
-        self._expect_step()
-        for cb in self._callbacks:
-            cb.on_train_start(self._state)
-
-    def _write_init(self, metrics: Mapping[str, Any]) -> None:
-        self._init_pending = False
-        row: dict[str, Any] = {"step": 0, "epoch": 0, "kind": "init", "lr": self._tracked.lr()}
-        put_metrics(row, metrics)
-        self.digests = self._recorder.write_init(self._files, row)
-
-    def _expect_step(self) -> None:
-        self._recorder.expect(self.global_step + 1, loaders=bool(self._loaders))
-
-    def _resumed_mid_epoch(self) -> bool:
-        assert self._resumed is not None
-        return any(s["active"] for s in self._resumed.state[POSITION_KEY]["loaders"].values())
-
-    def _restore_now(self, *, in_loop: bool = True) -> None:
-        """Put back the tracked objects, every RNG and the callbacks' state: called when the
-        resumed epoch's loader iterator exists (or at the epoch's start when no loader was mid-pass)."""
-        if not self._pending:
-            return
-        assert self._resumed is not None
-        if in_loop and not self._in_epochs:
-            raise ReprokitError(
-                f"{str(self.path)!r} resumes at epoch {self.epoch}, but the loop is not run.epochs(): a "
-                "resumed run must start at its saved epoch; write the epoch loop as `for epoch in "
-                "run.epochs(n):`")
-        saved = self._resumed.state
-        restore_tracked(self._tracked.objects, saved[MODEL_KEY], saved[TRACKED_KEY],
-                        saved[POSITION_KEY]["modules"], self._resumed.meta, self.path)
-        restore_rng_state(RngState.from_dict(saved[RNG_KEY]))
-        for opt in self._tracked.optimizers() if self.global_step else ():
-            # what the uninterrupted process has: an LR scheduler then does not warn that it
-            # stepped before the optimizer (torch/optim/lr_scheduler.py)
-            opt._opt_called = True  # type: ignore[attr-defined]
-        states = saved.get(CALLBACKS_KEY, {})
-        self._state.step = self.global_step
-        for key, cb in zip(callback_keys(self._callbacks), self._callbacks, strict=True):
-            cb.load_state_dict(states.get(key))
-            cb.on_train_start(self._state)
-        self._pending = False
-        self._recorder.restored(loaders=bool(self._loaders))
-
-    @property
-    def _files(self) -> RunWriter:
-        """The run directory's writer (a relaunch opens it when it begins, at its checkpoint)."""
-        assert self._writer is not None, "the run has not begun"
-        return self._writer
-
-    def _module_state(self) -> dict[str, torch.Tensor]:
-        return self._tracked.module_state()
-
     def _snapshot(self) -> Snapshot:
-        modules = self._tracked.modules()
-        active = [ld for ld in self._loaders if ld.active]
-        keys = callback_keys(self._callbacks)
-        state: dict[str, Any] = {
-            MODEL_KEY: self._module_state(),
-            TRACKED_KEY: self._tracked.others(),
-            RNG_KEY: capture_rng_state().to_dict(),
-            CALLBACKS_KEY: dict(zip(keys, [cb.state_dict() for cb in self._callbacks], strict=True)),
-            POSITION_KEY: {"loaders": {str(ld.index): ld.state() for ld in self._loaders},
-                           "modules": list(modules), "tracked": list(self._tracked.objects)},
-        }
-        meta = CheckpointMeta(
-            step=self.global_step, epoch=self.epoch, batch=active[0].batch if active else 0,
-            config=self._manifest["config"], data_digest=str(self._manifest["data"]["digest"]),
-            code_version=str(self._manifest["fingerprint"]), manifest_digest=self._files.manifest_digest(),
-            run_files=self._files.sync(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        )
-        return Snapshot(meta, state, update_only=self._tracked.updated_in_place())
+        return take_snapshot(self._tracked, self._loaders, self._callbacks, step=self.global_step,
+                             epoch=self.epoch, manifest=self._manifest, files=self._files)
 
     def _before_update(self, *_: Any) -> None:
         self._checkpointer.before_update()  # an async save may still be copying the weights
         self._recorder.before_update()
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._stop is not None or self._done:  # a second Ctrl-C: the usual KeyboardInterrupt
-            previous = self._handlers.get(signum)
-            if callable(previous):
-                previous(signum, frame)
-            raise KeyboardInterrupt
-        self._stop = signum
-        print(f"reprokit: {signal.Signals(signum).name} received; stopping after this step with a "
-              "checkpoint", file=sys.stderr, flush=True)
-
     def _stop_now(self) -> None:
         """Save a verified checkpoint of where the run is, then exit with EXIT_STOPPED."""
-        assert self._stop is not None
-        name = signal.Signals(self._stop).name
         self._checkpointer.wait()
         self._checkpointer.save(self._snapshot)
         self._checkpointer.wait()
         self._close("crashed")
-        print(f"reprokit: stopped by {name} at step {self.global_step} with a checkpoint; run the same "
-              f"command again to resume (exit status {EXIT_STOPPED})", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_STOPPED)
+        raise self._signals.stopped(self.global_step)
 
     def _close(self, status: str) -> None:
         if self._done:
             return
-        self._done = True
+        self._done = self._signals.closed = True  # a signal from now on: the usual KeyboardInterrupt
         if self._bar is not None:
             self._bar.close()
         with contextlib.suppress(Exception):  # a failing save must not hide the error that stopped the run
@@ -541,27 +359,10 @@ class Run:
         self._tracked.close()
         if status != "finished" and self._ledger is not None:
             self._ledger.ledger.mark(self._ledger.run_id, status)
-        for signum, handler in self._handlers.items():
-            signal.signal(signum, handler)
+        self._signals.restore()
         atexit.unregister(self._at_exit)
 
     def _at_exit(self) -> None:
         """A script that raised (or returned without finish()) leaves the run crashed, resumable."""
         with contextlib.suppress(Exception):  # exiting anyway; the run directory is consistent
             self._close("crashed")
-
-
-
-def _install_signals(handler: Any) -> dict[int, Any]:
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    previous: dict[int, Any] = {}
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        previous[signum] = signal.signal(signum, handler)
-    return previous
-
-
-def _progress_bar(progress: bool | None, total: int | None, initial: int, name: str) -> Any:
-    from tqdm.auto import tqdm  # tqdm.auto looks for ipywidgets: only once a bar is wanted
-
-    return tqdm(total=total, initial=initial, disable=progress is False, leave=False, desc=name)
