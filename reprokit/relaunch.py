@@ -29,10 +29,14 @@ def recorded_entry(run_dir: str | Path) -> EntryPoint:
     if not isinstance(entry, dict):
         raise EntryPointError(f"{str(Path(run_dir) / MANIFEST)!r} records no entry point; it was not "
                               "written by reprokit.Run")
+    if not isinstance(entry.get("code"), str | None):
+        raise EntryPointError(f"{str(Path(run_dir) / MANIFEST)!r}: its entry point's code is "
+                              f"{type(entry['code']).__name__}, not a program text")
     try:
         return EntryPoint(interpreter=str(entry["interpreter"]), argv=[str(a) for a in entry["argv"]],
                           cwd=str(entry["cwd"]), script=entry.get("script"),
-                          script_digest=entry.get("script_digest"), module=entry.get("module"))
+                          script_digest=entry.get("script_digest"), module=entry.get("module"),
+                          code=entry.get("code"))
     except (KeyError, TypeError) as e:
         raise EntryPointError(f"{str(Path(run_dir) / MANIFEST)!r}: its entry point lacks {e}") from e
 

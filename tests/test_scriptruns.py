@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import xxhash
 
+from reprokit.entrypoint import EntryPoint, EntryPointError
 from reprokit.errors import ConfigError
+from reprokit.relaunch import run_recorded
 from reprokit.scriptruns import (
     ScriptRunError,
     command_env,
@@ -16,8 +22,11 @@ from reprokit.scriptruns import (
     kill_command,
     read_script_run,
     resolve_command,
+    run_command,
     steps_done,
 )
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def test_command_env_sets_the_contract_and_drops_inherited_kill_points(
@@ -82,3 +91,37 @@ def test_a_callable_whose_name_imports_another_object_is_refused(monkeypatch: py
     with pytest.raises(ConfigError, match=r"'digits_function:main' imports as another object than the one "
                                           "passed; pass the module-level function itself"):
         function_command(impostor)
+
+
+def test_a_python_c_run_records_its_program_and_runs_again(tmp_path: Path) -> None:
+    """`python -c CODE` records the program (digest = its bytes'), so `command()` starts it again;
+    a REPL-like entry (no script, no code) still says why it cannot."""
+    code = ("import json, sys\nfrom reprokit.entrypoint import entry_point\n"
+            "print(json.dumps(entry_point().to_dict()))\n")
+    out = subprocess.run([sys.executable, "-c", code, "--epochs", "2"], capture_output=True, text=True,
+                         check=True, cwd=tmp_path).stdout
+    entry = EntryPoint(**json.loads(out))
+    assert entry.code == code and entry.script is None and entry.argv == ["-c", "--epochs", "2"]
+    assert entry.script_digest == xxhash.xxh3_128_hexdigest(code.encode())
+    assert entry.command() == [sys.executable, "-c", code, "--epochs", "2"]
+    again = subprocess.run(entry.command(), capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    assert json.loads(again)["code"] == code
+    with pytest.raises(EntryPointError, match="not started from a script"):
+        dataclasses.replace(entry, code=None).command()
+
+
+def test_a_killed_function_run_resumes_from_its_recorded_command(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A function run (`python -c` importing it) killed at step 6 is finished by `reprokit resume`'s
+    re-execution of the recorded command, with the uninterrupted run's final digest."""
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    monkeypatch.setenv("REPROKIT_LEDGER", str(tmp_path / "ledger.sqlite"))
+    command = function_command("digits_function:main")
+    reference = run_command(command, command_env(tmp_path / "reference"))
+    killed = tmp_path / "killed"
+    kill_command(command, command_env(killed, extra={"REPROKIT_CRASH_AT_STEP": "6"}))
+    assert steps_done(killed) == 5
+    assert run_recorded(killed, killed, echo=False) == 0
+    resumed = read_script_run(killed)
+    assert resumed.final_digest == reference.final_digest
+    assert json.loads((killed / "result.json").read_text())["resumed_from_step"] == 4
