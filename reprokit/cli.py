@@ -20,7 +20,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        code: int = args.func(args)
+        if getattr(args, "yes", False):  # run the code a run directory names without asking
+            from reprokit.relaunch import trusting
+
+            with trusting():
+                code: int = args.func(args)
+        else:
+            code = args.func(args)
         return code
     except ReprokitError as e:
         print(f"reprokit {args.command}: error: {e}", file=sys.stderr)
@@ -274,6 +280,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="change a config field on resume (repeatable)")
     p.add_argument("--force", action="store_true",
                    help="resume despite config/data/code differences (recorded in the manifest)")
+    p.add_argument("--yes", action="store_true", help="a script run: run its recorded command even if it "
+                   "lies outside this project (shown first; asked at a terminal)")
     p.set_defaults(func=_resume)
     p = sub.add_parser("verify", help="check every checkpoint of a run and print a table")
     p.add_argument("run_dir", help="the run directory")
@@ -295,6 +303,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="reproduce with this many intra-op threads")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change a config field for the rerun (repeatable)")
+    p.add_argument("--yes", action="store_true", help="a script run: run its recorded command even if it "
+                   "lies outside this project (shown first; asked at a terminal)")
     p.set_defaults(func=_reproduce)
     p = sub.add_parser("compare", help="are two runs identical? if not, where, when and why they split "
                        "(exit 0 identical, 1 not)")
@@ -304,6 +314,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="save the divergence plot")
     p.add_argument("--replay", action="store_true", help="confirm a nondeterminism/environment cause: "
                    "replay the first differing step twice here from a's checkpoint before it")
+    p.add_argument("--yes", action="store_true", help="a script run: run its recorded command even if it "
+                   "lies outside this project (shown first; asked at a terminal)")
     p.set_defaults(func=_compare)
     p = sub.add_parser("audit", help="rerun a config or a command over seeds, repeats and factors; which "
                        "change the bits? (exit 0 if every repeat is bitwise identical, 1 if not)")

@@ -22,6 +22,7 @@ import reprokit
 from reprokit import TrainConfig, audit_determinism, train
 from reprokit.callbacks import Callback, TrainState
 from reprokit.compare import compare_runs
+from reprokit.relaunch import trusting
 
 FIXTURE = Path(__file__).parent / "fixtures" / "causes_script.py"
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,7 +253,8 @@ def test_replay_confirms_nondeterminism_of_a_script(tmp_path: Path) -> None:
     shutil.copy(FIXTURE, script)
     for run in ("a", "b"):
         _script(tmp_path, str(tmp_path / run), "--noise-from", "3")
-    comparison = compare_runs(tmp_path / "a", tmp_path / "b", replay=True)
+    with trusting():  # the script lies in tmp_path, outside the project the tests run in
+        comparison = compare_runs(tmp_path / "a", tmp_path / "b", replay=True)
     cause = comparison.cause
     assert cause.name == "nondeterminism" and cause.step == 3 and cause.replay == "confirmed"
     assert any("from step-0000002" in line and "replays differ" in line for line in cause.evidence)

@@ -115,6 +115,9 @@ def test_cli_reads_script_runs(reference: Path, tmp_path: Path) -> None:
     assert verify.returncode == 0 and "3/3 checkpoints verify" in verify.stdout, verify.stderr
     out = tmp_path / "reproduced"
     reproduce = _cli("reproduce", str(reference), "--out", str(out), cwd=tmp_path)
+    assert reproduce.returncode == 2 and "not running" in reproduce.stderr  # examples/ is not in tmp_path
+    assert "pass --yes" in reproduce.stderr and not out.exists()
+    reproduce = _cli("reproduce", str(reference), "--out", str(out), "--yes", cwd=tmp_path)
     assert reproduce.returncode == 0 and "verdict:    bitwise" in reproduce.stdout, reproduce.stderr
     compare = _cli("compare", str(reference), str(out), cwd=tmp_path)
     assert compare.returncode == 0 and "identical: yes" in compare.stdout

@@ -32,6 +32,6 @@ def test_sigkill_at_random_moments_then_relaunch_is_bit_exact(reference: Path, t
             time.sleep(rng.random() * 0.02)  # anywhere in the next step or save
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=TIMEOUT)
-        relaunched = _cli("resume", str(run_dir), cwd=tmp_path) if i % 2 else _run(run_dir)
+        relaunched = _cli("resume", str(run_dir), "--yes", cwd=tmp_path) if i % 2 else _run(run_dir)
         assert relaunched.returncode == 0, (how, step, relaunched.stderr)
         _assert_same_run(run_dir, reference)

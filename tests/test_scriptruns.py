@@ -14,7 +14,7 @@ import xxhash
 
 from reprokit.entrypoint import EntryPoint, EntryPointError
 from reprokit.errors import ConfigError
-from reprokit.relaunch import run_recorded
+from reprokit.relaunch import run_recorded, trusting, untrusted_reasons
 from reprokit.scriptruns import (
     ScriptRunError,
     command_env,
@@ -121,7 +121,27 @@ def test_a_killed_function_run_resumes_from_its_recorded_command(tmp_path: Path,
     killed = tmp_path / "killed"
     kill_command(command, command_env(killed, extra={"REPROKIT_CRASH_AT_STEP": "6"}))
     assert steps_done(killed) == 5
-    assert run_recorded(killed, killed, echo=False) == 0
+    with pytest.raises(EntryPointError, match=r"(?s)not running .* python -c. program the run directory"):
+        run_recorded(killed, killed, echo=False)
+    with trusting():
+        assert run_recorded(killed, killed, echo=False) == 0
     resumed = read_script_run(killed)
     assert resumed.final_digest == reference.final_digest
     assert json.loads((killed / "result.json").read_text())["resumed_from_step"] == 4
+
+
+def test_recorded_code_outside_the_project_needs_a_yes(tmp_path: Path) -> None:
+    """A script in the project, and this interpreter, run without asking; a script elsewhere, a
+    foreign interpreter or a `-c` program are each named as a reason."""
+    project = tmp_path / "project"
+    (project / ".git").mkdir(parents=True)
+    (project / "src").mkdir()
+    entry = EntryPoint(sys.executable, ["train.py"], str(project), str(project / "src" / "train.py"), "d")
+    assert untrusted_reasons(entry, project) == []
+    elsewhere = dataclasses.replace(entry, script=str(tmp_path / "evil.py"))
+    assert untrusted_reasons(elsewhere, project) == [f"its script {tmp_path / 'evil.py'} lies outside this "
+                                                     f"project ({project})"]
+    foreign = dataclasses.replace(entry, interpreter="/opt/other/python")
+    assert "its interpreter /opt/other/python is not this one" in untrusted_reasons(foreign, project)[0]
+    code = dataclasses.replace(entry, script=None, code="print(1)")
+    assert untrusted_reasons(code, project) == ["it runs a `python -c` program the run directory recorded"]
