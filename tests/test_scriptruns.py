@@ -121,7 +121,7 @@ def test_a_killed_function_run_resumes_from_its_recorded_command(tmp_path: Path,
     killed = tmp_path / "killed"
     kill_command(command, command_env(killed, extra={"REPROKIT_CRASH_AT_STEP": "6"}))
     assert steps_done(killed) == 5
-    with pytest.raises(EntryPointError, match=r"(?s)not running .* python -c. program the run directory"):
+    with pytest.raises(EntryPointError, match=r"(?s)not running .* runs a .python -c. program the run"):
         run_recorded(killed, killed, echo=False)
     with trusting():
         assert run_recorded(killed, killed, echo=False) == 0
