@@ -117,10 +117,16 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import pandas as pd
 
-    from reprokit.ledger import runs
+    from reprokit.ledger import default_ledger_path, rebuild, runs
 
+    if args.rebuild:
+        root = Path(args.root) if args.root else (Path(args.ledger).parent if args.ledger else Path("runs"))
+        path = args.ledger or default_ledger_path(root)
+        print(f"rebuilt {path} from {root}: {rebuild(root, path)} runs")
     filters: dict[str, Any] = dict(_assignment(a) for a in args.where)
     table = runs(args.ledger, **filters)
     if table.empty:
@@ -290,6 +296,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ledger", help="the ledger file (default: $REPROKIT_LEDGER, else runs/ledger.sqlite)")
     p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
                    help="keep rows whose column equals the value (repeatable), e.g. --where status=finished")
+    p.add_argument("--rebuild", action="store_true", help="write the ledger again from the run directories "
+                   "under --root (the old file is set aside)")
+    p.add_argument("--root", help="with --rebuild: the directory holding the run directories (default: the "
+                   "ledger's directory, else runs/)")
     p.set_defaults(func=_runs)
     p = sub.add_parser("lineage", help="a run and its parents, child first (exit 1 if a parent changed)")
     p.add_argument("run_dir", help="the run directory")

@@ -5,13 +5,20 @@ Each write is one short ``BEGIN IMMEDIATE`` transaction (the write lock is taken
 writers never both read and then collide on upgrading to a write), the journal is WAL (readers do
 not block the writer), and a writer that still finds the database locked after the busy timeout
 backs off and retries. WAL needs a local filesystem (sqlite.org/wal.html): keep the ledger off NFS.
+
+The ledger is an index, not the record: the run directories are. A ledger file that is not a
+ledger (garbage, truncated, another program's database) is set aside as ``ledger.sqlite.broken-*``
+with a warning and a new one started, so training goes on; :func:`rebuild` (``reprokit runs
+--rebuild``) writes it again from the run directories under its root.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -22,7 +29,8 @@ from typing import Any, TypeVar
 
 import pandas as pd
 
-from reprokit.errors import ReprokitError
+from reprokit.errors import ReprokitError, RunDirError
+from reprokit.rundir import MANIFEST, RESULT, read_json
 
 LEDGER_ENV = "REPROKIT_LEDGER"
 BUSY_TIMEOUT = 30.0  # seconds sqlite itself waits for the lock; a write holds it for milliseconds
@@ -95,11 +103,20 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
         def setup(conn: sqlite3.Connection) -> None:
+            problem = _problem(conn)  # before anything is written: a foreign file stays as it was
+            if problem:
+                raise sqlite3.DatabaseError(problem)
             conn.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the file
             with _transaction(conn):
                 conn.execute(_SCHEMA)
 
-        self._retry(setup)
+        try:
+            self._retry(setup)
+        except sqlite3.DatabaseError as e:  # not a ledger: set it aside, start a new one
+            if isinstance(e, sqlite3.OperationalError) and _locked(e):
+                raise
+            set_aside(self.path, str(e))
+            self._retry(setup)
 
     def _retry(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``work`` on a fresh connection, retrying with jittered backoff while locked."""
@@ -118,19 +135,12 @@ class Ledger:
 
     def start(self, manifest: Mapping[str, Any], run_dir: str | Path) -> str:
         """Add a ``running`` row for the run ``manifest`` describes; returns its run id."""
-        run_id = manifest.get("run_id")
-        if not isinstance(run_id, str):
-            raise LedgerError("manifest has no run_id; build it with reprokit.provenance.build_manifest")
-        config = manifest.get("config", {})
-        parent = (manifest.get("lineage") or {}).get("parent") or {}
-        row = (run_id, str(Path(run_dir).resolve()), _now(), "running", manifest.get("fingerprint"),
-               config.get("seed"), config.get("model"), config.get("dataset"),
-               parent.get("run_id") or parent.get("digest"))
+        run_id, row = _row(manifest, run_dir, started=_now(), status="running")
 
         def insert(conn: sqlite3.Connection) -> None:
             with _transaction(conn):
-                conn.execute("INSERT INTO runs (id, run_dir, started, status, fingerprint, seed, model, "
-                              "dataset, parent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                conn.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                             tuple(row.values()))
 
         try:
             self._retry(insert)
@@ -186,6 +196,98 @@ class Ledger:
         return _typed(pd.DataFrame(rows, columns=list(COLUMNS)))
 
 
+def _row(manifest: Mapping[str, Any], run_dir: str | Path, *, started: str, status: str
+         ) -> tuple[str, dict[str, Any]]:
+    """The run id and the ledger row of the run ``manifest`` describes."""
+    run_id = manifest.get("run_id")
+    if not isinstance(run_id, str):
+        raise LedgerError("manifest has no run_id; build it with reprokit.provenance.build_manifest")
+    config = manifest.get("config")
+    config = config if isinstance(config, Mapping) else {}
+    parent = (manifest.get("lineage") or {}).get("parent") or {}
+    seed = config.get("seed")
+    return run_id, {
+        "id": run_id, "run_dir": str(Path(run_dir).resolve()), "started": started, "status": status,
+        "fingerprint": manifest.get("fingerprint"),
+        "seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+        "model": _text(config.get("model")), "dataset": _text(config.get("dataset")),
+        "parent": _text(parent.get("run_id") or parent.get("digest")) if isinstance(parent, Mapping)
+        else None,
+    }
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _problem(conn: sqlite3.Connection) -> str | None:
+    """Why the open database is not a usable ledger (None: it is)."""
+    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()]
+    if not tables:
+        return None  # new (or empty): the schema is created next
+    check = conn.execute("PRAGMA quick_check").fetchone()
+    if check is None or check[0] != "ok":
+        return f"integrity check: {check[0] if check else 'no answer'}"
+    columns = [r[1] for r in conn.execute("PRAGMA table_info(runs)").fetchall()]
+    if tables != ["runs"] or tuple(columns) != COLUMNS:
+        return f"it holds tables {tables} (runs: {columns}), not a ledger's runs {list(COLUMNS)}"
+    return None
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Move an unusable ledger (and its -wal/-shm files) to ``NAME.broken-STAMP``, with a warning."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.broken-{stamp}-{os.getpid()}")
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):  # another process may have moved it already
+            os.replace(f"{path}{suffix}", f"{target}{suffix}")
+    print(f"reprokit: the ledger {str(path)!r} is not usable ({why}); set aside as {target.name}, a new one "
+          "is started (fill it from the run directories: reprokit runs --rebuild)", file=sys.stderr,
+          flush=True)
+    return target
+
+
+def rebuild(root: str | Path, path: str | Path | None = None) -> int:
+    """Write the ledger at ``path`` (default: ``ROOT/ledger.sqlite``, or ``$REPROKIT_LEDGER``) again
+    from every run directory under ``root``: finished runs with their result, the others crashed.
+    The old file, if any, is set aside. Returns the number of runs recorded."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LedgerError(f"{str(root)!r} is not a directory; pass the directory holding the run directories")
+    target = Path(path) if path is not None else default_ledger_path(root)
+    if target.exists():
+        set_aside(target, "rebuilt")
+    ledger = Ledger(target)
+    rows: dict[str, dict[str, Any]] = {}
+    for manifest_path in sorted(root.rglob(MANIFEST)):
+        run_dir = manifest_path.parent
+        if "checkpoints" in run_dir.relative_to(root).parts or "ranks" in run_dir.relative_to(root).parts:
+            continue  # a checkpoint's copy, or a rank's private directory: not a run of its own
+        try:
+            manifest = read_json(run_dir, MANIFEST)
+            result = read_json(run_dir, RESULT) if (run_dir / RESULT).is_file() else None
+            created = manifest.get("created")
+            run_id, row = _row(manifest, run_dir, started=created if isinstance(created, str) else _now(),
+                               status="finished" if result is not None else "crashed")
+        except (RunDirError, LedgerError) as e:
+            print(f"reprokit: skipped {run_dir}: {e}", file=sys.stderr)
+            continue
+        if result is not None:
+            metric = result.get("final_metric")
+            row["final_digest"] = _text(result.get("final_digest"))
+            row["final_metric"] = float(metric) if isinstance(metric, int | float) else None
+        rows.setdefault(run_id, row)  # a copied run directory: the first one found keeps the row
+
+    def insert(conn: sqlite3.Connection) -> None:
+        with _transaction(conn):
+            for row in rows.values():
+                conn.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                             tuple(row.values()))
+
+    ledger._retry(insert)
+    return len(rows)
+
+
 @contextmanager
 def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back if the body raises."""
@@ -236,7 +338,30 @@ class LedgerEntry:
     @classmethod
     def open(cls, run_dir: Path, manifest: dict[str, Any], *, resumed: bool = False) -> LedgerEntry | None:
         """Start the run's row, or mark it resumed. ``None`` when a copy of this run directory
-        already finished under this ledger: the row keeps describing that copy."""
+        already finished under this ledger (the row keeps describing that copy), or when the ledger
+        cannot be written: a warning, and the run goes on (the ledger is an index)."""
+        try:
+            return cls._open(run_dir, manifest, resumed=resumed)
+        except (LedgerError, sqlite3.Error, OSError) as e:
+            _warn(f"the run is not in the ledger ({e})")
+            return None
+
+    def finish(self, final_digest: str, final_metric: float | None) -> None:
+        """Mark the row finished; a ledger that cannot be written is a warning, not an error."""
+        try:
+            self.ledger.finish(self.run_id, final_digest, final_metric)
+        except (LedgerError, sqlite3.Error, OSError) as e:
+            _warn(f"could not record run {self.run_id} as finished ({e}); rebuild: reprokit runs --rebuild")
+
+    def mark(self, status: str) -> None:
+        """Move the row to ``status``; a ledger that cannot be written is a warning."""
+        try:
+            self.ledger.mark(self.run_id, status)
+        except (LedgerError, sqlite3.Error, OSError) as e:
+            _warn(f"could not record run {self.run_id} as {status} ({e})")
+
+    @classmethod
+    def _open(cls, run_dir: Path, manifest: dict[str, Any], *, resumed: bool) -> LedgerEntry | None:
         ledger = Ledger(default_ledger_path(run_dir.resolve().parent))
         run_id = str(manifest["run_id"])
         if not resumed:
@@ -249,3 +374,7 @@ class LedgerEntry:
             return None
         ledger.mark(run_id, "resumed")
         return cls(ledger, run_id)
+
+
+def _warn(message: str) -> None:
+    print(f"reprokit: ledger: {message}", file=sys.stderr, flush=True)

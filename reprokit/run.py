@@ -293,7 +293,7 @@ class Run(RunStart):
             **(result or {}),
         })
         if self._ledger is not None:
-            self._ledger.ledger.finish(self._ledger.run_id, final_digest, metric if name else None)
+            self._ledger.finish(final_digest, metric if name else None)
         self._close("finished")
         return summary
 
@@ -358,7 +358,7 @@ class Run(RunStart):
             self._writer.close()
         self._tracked.close()
         if status != "finished" and self._ledger is not None:
-            self._ledger.ledger.mark(self._ledger.run_id, status)
+            self._ledger.mark(status)
         self._signals.restore()
         atexit.unregister(self._at_exit)
 
