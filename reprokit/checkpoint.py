@@ -271,7 +271,7 @@ def read_checkpoint(path: str | Path) -> tuple[CheckpointMeta, dict[str, Any]]:
 
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+    return f"{type(e).__name__}: {text[0][:600]}" if text else type(e).__name__
 
 
 def _read_meta(path: Path) -> CheckpointMeta:

@@ -251,7 +251,7 @@ def read_json(run_dir: str | Path, name: str) -> dict[str, Any]:
         raise RunDirError(f"{str(path)!r} is missing; is {str(run_dir)!r} a reprokit run directory?")
     data = untrusted.read_json(path)
     if not isinstance(data, dict):
-        raise RunDirError(f"{path}: holds {type(data).__name__} {str(data)[:60]!r}, not a JSON object; "
+        raise RunDirError(f"{path}: holds {type(data).__name__} {repr(data)[:60]}, not a JSON object; "
                           "the file is damaged or not reprokit's")
     for key in _REQUIRED.get(name, ()):
         if key not in data:
@@ -260,7 +260,7 @@ def read_json(run_dir: str | Path, name: str) -> dict[str, Any]:
         value = data.get(key)
         if key in data and type(value) not in types:
             wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise RunDirError(f"{path}: field {key!r} is {str(value)[:60]!r} ({type(value).__name__}); "
+            raise RunDirError(f"{path}: field {key!r} is {repr(value)[:60]} ({type(value).__name__}); "
                               f"expected {wanted} (the file is damaged or not reprokit's)")
     return data
 

@@ -128,7 +128,7 @@ def _nested(path: Path, manifest: Mapping[str, Any], *keys: str) -> dict[str, An
         value = value.get(key) or {}
         if not isinstance(value, dict):
             raise RunDirError(f"{path / MANIFEST}: field {'.'.join(keys[:depth + 1])!r} is "
-                              f"{str(value)[:60]!r} ({type(value).__name__}); expected an object")
+                              f"{repr(value)[:60]} ({type(value).__name__}); expected an object")
     return cast(dict[str, Any], value)
 
 
@@ -322,7 +322,7 @@ def _position_problem(state: Mapping[str, Any]) -> str | None:
         return f"position {type(position).__name__} / tracked {type(tracked).__name__}, expected dicts"
     for key, kind in (("tracked", list), ("modules", list), ("loaders", dict)):
         if not isinstance(position.get(key), kind):
-            return f"position[{key!r}] is {str(position.get(key))[:60]!r}, expected a {kind.__name__}"
+            return f"position[{key!r}] is {repr(position.get(key))[:60]}, expected a {kind.__name__}"
     names = [*position["tracked"], *position["modules"], *position["loaders"]]
     if not all(isinstance(n, str) for n in names):
         return f"position names {names[:5]} are not all strings"
