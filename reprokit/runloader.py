@@ -10,6 +10,15 @@ thus gives the same bits in the main process or in any worker, with any ``num_wo
 and after a resume. In the main process the three states are put back after each batch, so the
 training's own RNG streams (dropout) are untouched by the fetch; a worker's need not be.
 
+Under a process group of N > 1 ranks (read from torch.distributed when the loader is built, its
+length taken and each pass begun) ``batch_size`` is the global batch G: each pass's one order is cut
+into global batches of G, an incomplete last one is dropped, and rank r gets its contiguous slice of
+each (``distributed.shard_batch``), so a global batch is the same sample set at every N; a G that N
+does not divide is refused. The position stays a global batch counter, the same at every rank and
+every N, so a run resumed at another world size continues at the same global batch. The samples'
+seeds are (pass seed, index) as before, and python's ``random`` is seeded per sample too (a rank no
+longer fetches the global batch whole); at N == 1 everything is as without a group.
+
 A user's existing DataLoader is taken over: its dataset, batch size, shuffle, drop_last, collate
 function, workers and their settings. What cannot be made exact is refused with the reason: an
 IterableDataset (no index to seed or to resume at), a custom sampler or batch sampler.
@@ -24,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import xxhash
 from torch.utils.data import (
     BatchSampler,
@@ -37,7 +47,8 @@ from torch.utils.data import (
     default_collate,
 )
 
-from reprokit.errors import DataError
+from reprokit.distributed import check_divisible, shard_batch
+from reprokit.errors import DataError, DistributedError
 from reprokit.globalrng import FetchGuard, GlobalStreams
 from reprokit.seeding import SEED_MAX, derive_seed
 
@@ -65,6 +76,13 @@ def _sample_seed(pass_seed: int, index: int) -> int:
     return xxhash.xxh3_64_intdigest(_PAIR.pack(pass_seed, index)) & SEED_MAX
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the process group in force; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class _SeededDataset(Dataset[Any]):
     """Fetches sample ``(pass_seed, index)`` of the wrapped dataset with the global RNGs it draws
     from seeded from both, and puts them back afterwards.
@@ -86,6 +104,9 @@ class _SeededDataset(Dataset[Any]):
         self._plain = type(dataset) is TensorDataset
         self.gather = False
         self.seeded: frozenset[str] = frozenset()
+        # python's random per sample, not per batch: under N > 1 ranks a rank fetches a slice of the
+        # global batch, whose first index is not the global batch's
+        self.python_each = False
         self._guard: FetchGuard | None = None  # its copies of the streams serve the next batch
 
     def __getstate__(self) -> dict[str, Any]:  # to a worker: the copies stay here
@@ -125,16 +146,19 @@ class _SeededDataset(Dataset[Any]):
 
     def _fetch(self, keys: list[tuple[int, int]]) -> list[Any]:
         seeded = self.seeded
-        if "python" in seeded:
+        python_each = "python" in seeded and self.python_each
+        if "python" in seeded and not python_each:
             random.seed(_sample_seed(keys[0][0], keys[0][1]) ^ _BATCH)
         torch_seeded, numpy_seeded = "torch" in seeded, "numpy" in seeded
         dataset = self.dataset
-        if not (torch_seeded or numpy_seeded):
+        if not (torch_seeded or numpy_seeded or python_each):
             return [dataset[index] for _, index in keys]
         out = []
         generator, digest, pack = torch.default_generator, xxhash.xxh3_64_intdigest, _PAIR.pack
         for pass_seed, index in keys:
             seed = digest(pack(pass_seed, index)) & SEED_MAX  # _sample_seed, inlined: once per sample
+            if python_each:
+                random.seed(seed ^ _BATCH)
             if torch_seeded:
                 generator.manual_seed(seed)
             if numpy_seeded:
@@ -149,23 +173,27 @@ def _collated(batch: list[Any]) -> Any:
 
 
 class _PassSampler(Sampler[list[tuple[int, int]]]):
-    """The batches of one pass, from batch ``start`` on, as lists of ``(pass_seed, index)``."""
+    """This rank's share of the (global) batches of one pass, from batch ``start`` on, as lists of
+    ``(pass_seed, index)``."""
 
     def __init__(self, size: int, batch_size: int, shuffle: bool, drop_last: bool) -> None:
         self.size, self.batch_size, self.shuffle, self.drop_last = size, batch_size, shuffle, drop_last
         self.pass_seed, self.aug_seed, self.start = 0, 0, 0  # the order's and the samples' seeds
+        self.rank, self.world_size = 0, 1
         self.order: list[int] = []
 
     def batches(self) -> int:
         full, rest = divmod(self.size, self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
+        # N > 1 ranks cannot split an incomplete global batch into equal shards: it is dropped
+        return full + (1 if rest and not self.drop_last and self.world_size == 1 else 0)
 
     def __len__(self) -> int:
         return self.batches() - self.start
 
     def indices(self, batch: int) -> list[int]:
-        """The sample indices of batch ``batch`` of the pass being iterated."""
-        return self.order[batch * self.batch_size : (batch + 1) * self.batch_size]
+        """This rank's sample indices of batch ``batch`` of the pass being iterated."""
+        whole = self.order[batch * self.batch_size : (batch + 1) * self.batch_size]
+        return whole if self.world_size == 1 else shard_batch(whole, self.rank, self.world_size)
 
     def begin_pass(self) -> torch.Tensor:
         """The pass's order (from ``pass_seed``), kept for ``indices``; returned as a tensor."""
@@ -179,15 +207,16 @@ class _PassSampler(Sampler[list[tuple[int, int]]]):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         self.begin_pass()
-        order, seed, bs = self.order, self.aug_seed, self.batch_size
+        seed = self.aug_seed
         for b in range(self.start, self.batches()):
-            yield [(seed, i) for i in order[b * bs : (b + 1) * bs]]
+            yield [(seed, i) for i in self.indices(b)]
 
 
 class RunLoader:
     """What ``run.loader`` returns: iterate it like the DataLoader it replaces.
 
-    ``dataset`` and ``batch_size`` are the user's; ``len()`` is the batches of a whole pass.
+    ``dataset`` and ``batch_size`` are the user's (the global batch under N > 1 ranks); ``len()``
+    is the (global) batches of a whole pass.
     """
 
     def __init__(self, owner: Any, index: int, dataset: Dataset[Any], *, batch_size: int, shuffle: bool,
@@ -197,7 +226,7 @@ class RunLoader:
         self.num_workers = int(options.get("num_workers", 0))
         self._sampler = _PassSampler(len(dataset), batch_size, shuffle, drop_last)  # type: ignore[arg-type]
         self._generator = torch.Generator()  # DataLoader draws its workers' base seed from it
-        seeded = _SeededDataset(dataset)
+        seeded = self._seeded = _SeededDataset(dataset)
         if type(dataset) is TensorDataset and options.get("collate_fn") in (None, default_collate):
             seeded.gather, options = True, {**options, "collate_fn": _collated}
         self._loader: DataLoader[Any] = DataLoader(
@@ -207,9 +236,23 @@ class RunLoader:
         # position: the epoch and pass of the latest iteration, and batches it has yielded
         self.epoch, self.passes, self.batch, self.active = -1, 0, 0, False
         self._resume_at: tuple[int, int, int] | None = None  # (epoch, pass, batch) of a resumed run
+        self._shard()
 
     def __len__(self) -> int:
+        self._shard()
         return self._sampler.batches()
+
+    def _shard(self) -> None:
+        """Take this rank's share of each global batch under the process group now in force."""
+        rank, world_size = _world()
+        if world_size > 1:
+            try:
+                check_divisible(self.batch_size, world_size)
+            except DistributedError as e:
+                raise DistributedError(f"run.loader: batch_size is the global batch, split over the "
+                                       f"ranks: {e}") from None
+        self._sampler.rank, self._sampler.world_size = rank, world_size
+        self._seeded.python_each = world_size > 1
 
     def __getattr__(self, name: str) -> Any:
         # anything else a script reads off its DataLoader (num_workers, collate_fn, pin_memory, ...)
@@ -229,6 +272,7 @@ class RunLoader:
 
     def __iter__(self) -> Iterator[Any]:
         self._owner._begin()  # the run begins at the first of run.epochs(), an iter() or run.step()
+        self._shard()  # after _begin, which may have joined the process group
         epoch = self._owner.epoch
         if epoch != self.epoch:
             self.epoch, self.passes = epoch, 0
@@ -258,10 +302,11 @@ class RunLoader:
         """What the DataLoader yields for a TensorDataset with the default collate and no workers
         (one gather per tensor a batch, the same bits), without its fetcher and sampler protocol."""
         assert isinstance(self.dataset, TensorDataset)
-        tensors, bs = self.dataset.tensors, self.batch_size
-        order = self._sampler.begin_pass()
-        for b in range(start, self._sampler.batches()):
-            index = order[b * bs : (b + 1) * bs]
+        tensors, bs, sampler = self.dataset.tensors, self.batch_size, self._sampler
+        order = sampler.begin_pass()
+        for b in range(start, sampler.batches()):
+            whole = sampler.world_size == 1
+            index = order[b * bs : (b + 1) * bs] if whole else torch.tensor(sampler.indices(b))
             yield [t[index] for t in tensors]
 
     def _batches(self, iterator: Iterator[Any]) -> Iterator[Any]:
