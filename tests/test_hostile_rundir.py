@@ -50,7 +50,8 @@ def _loop(run_dir: Path, *, stop_after: int | None = None) -> None:
 
 def _open(run_dir: Path) -> tuple[reprokit.Run, nn.Module, torch.optim.Optimizer, Any]:
     """A relaunch of the loop's run, begun: the checkpoint it resumes from is settled."""
-    run = reprokit.Run(run_dir, seed=2, config={"lr": 0.1}, checkpoint_every=3, ledger=False, progress=False)
+    run = reprokit.Run(run_dir, seed=2, config={"lr": 0.1}, checkpoint_every=3, trace_every=2, ledger=False,
+                       progress=False)
     try:
         model = nn.Linear(4, 2)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -327,6 +328,16 @@ def test_a_config_that_is_not_a_mapping_is_a_config_error() -> None:
     """config_differences of a forged config (a string) names it, not AttributeError: 'str' ... 'get'."""
     with pytest.raises(ConfigError, match=r"the first config is 'lr=0\.1' \(str\), not a mapping"):
         config_differences("lr=0.1", {"lr": 0.1})  # type: ignore[arg-type]
+
+
+def test_a_trace_shorter_than_recorded_is_a_run_dir_error(runs: tuple[Path, str], tmp_path: Path) -> None:
+    """trace.csv cut below the size the checkpoint recorded: the relaunch stops with a RunDirError
+    naming it (it was an OSError from os.truncate for a size past the end), the file as it was."""
+    run_dir = _copy(runs, tmp_path)
+    (run_dir / "trace.csv").write_bytes(b"step,tensor\n")
+    with pytest.raises(RunDirError, match=r"trace\.csv: has 12 bytes, fewer than the \d+ the checkpoint"):
+        _loop(run_dir)
+    assert (run_dir / "trace.csv").read_bytes() == b"step,tensor\n"
 
 
 def test_a_forged_trace_state_is_a_trace_error() -> None:
