@@ -4,6 +4,10 @@ Relaunch = resume: a directory holding an unfinished run of the same recipe (con
 threads, the user's code and script, reprokit's code, library versions) continues from its newest
 checkpoint that verifies; another recipe is refused with the differences unless forced (then the
 differences are logged in the manifest's ``resumes``); a finished run exits 0 saying so.
+
+One writer at a time: the directory's :class:`~reprokit.runlock.RunLock` is taken before anything
+is read or swept (under torchrun by rank 0 only) and held by the :class:`RunWriter` until it closes;
+a second writer is refused naming the holder.
 """
 
 from __future__ import annotations
@@ -135,7 +139,8 @@ def _nested(path: Path, manifest: Mapping[str, Any], *keys: str) -> dict[str, An
 @dataclass
 class Opened:
     manifest: dict[str, Any]
-    writer: RunWriter | None  # None for a relaunch until settle() picks its checkpoint
+    # a relaunch's holds only the lock (RunWriter.holding) until settle() opens the files at its checkpoint
+    writer: RunWriter | None
     ledger: LedgerEntry | None
     resumed: Resumed | None
     fresh: bool  # a new run (not a relaunch)
