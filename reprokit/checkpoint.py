@@ -188,8 +188,13 @@ def take_spare(root: Path, path: Path) -> None:
     no block allocation and no unwritten-extent conversion (figures in README, "How the save got
     here"), as PostgreSQL recycles its WAL segments. Its old bytes never count:
     the writer overwrites the file from the start, cuts it to the new size and reads it back."""
+    spare = root / SPARE
+    if spare.is_symlink() or (spare.exists() and not spare.is_file()):
+        # not one this run kept: overwriting "its blocks" would write wherever the link points
+        _remove(spare)
+        return
     with contextlib.suppress(FileNotFoundError):
-        os.replace(root / SPARE, path)
+        os.replace(spare, path)
 
 
 def keep_spare(root: Path, retired: Path) -> None:
@@ -445,13 +450,17 @@ def verify_run(run_dir: str | Path, *, config: Mapping[str, Any] | None = None,
 
 def clean_temporaries(run_dir: str | Path) -> None:
     """Remove half-written ``.tmp-*`` directories and pointers a killed writer left behind (the
-    spare tensors file stays: the resumed run's next save overwrites it)."""
+    spare tensors file stays if it is a plain file: the resumed run's next save overwrites it)."""
     root = checkpoints_root(run_dir)
     if root.is_dir():
         for p in root.iterdir():
-            if not p.name.startswith(TMP_PREFIX) or p.name == SPARE:
-                continue
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+            spare = p.name == SPARE and p.is_file() and not p.is_symlink()
+            if p.name.startswith(TMP_PREFIX) and not spare:
+                _remove(p)
+
+
+def _remove(path: Path) -> None:  # a link itself, never what it points to
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -192,6 +192,7 @@ class RunWriter:
         for f in self._files():
             f.close()
         tmp = self.path / f".{MODEL}.tmp"
+        tmp.unlink(missing_ok=True)  # a link left there must not lead the write out of the run directory
         torch.save(dict(state), tmp)
         with open(tmp, "rb") as model:
             os.fsync(model.fileno())

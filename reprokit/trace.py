@@ -177,6 +177,7 @@ class Tracer(Callback):
             safe_truncate(path, self._resume_bytes)
             self._resume_bytes = None
         else:
+            path.unlink(missing_ok=True)  # a link there must not lead the writes out of the run directory
             path.write_text(",".join(TRACE_COLUMNS) + "\n")
         # unbuffered: a traced step's rows go to the OS in one write, no flush needed
         self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by on_train_end or finalizer

@@ -340,6 +340,19 @@ def test_a_trace_shorter_than_recorded_is_a_run_dir_error(runs: tuple[Path, str]
     assert (run_dir / "trace.csv").read_bytes() == b"step,tensor\n"
 
 
+def test_a_linked_spare_tensors_file_is_not_written_through(runs: tuple[Path, str], tmp_path: Path) -> None:
+    """A spare tensors file that is a link out of the run directory (the next save overwrites the
+    spare in place) is dropped, not written through: the file it names is unchanged, the run ends
+    bit-exact."""
+    run_dir = _copy(runs, tmp_path)
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"precious" * 1000)
+    (run_dir / "checkpoints" / ".tmp-spare-tensors.safetensors").symlink_to(victim)
+    _loop(run_dir)
+    assert victim.read_bytes() == b"precious" * 1000
+    assert _final(run_dir) == runs[1]
+
+
 def test_a_forged_trace_state_is_a_trace_error() -> None:
     """A checkpoint's Tracer state with a trace_bytes that is not an int is refused by name."""
     with pytest.raises(TraceError, match=r"trace state .* is not a trace_bytes int"):
