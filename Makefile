@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 # JOBS notebooks at once, each in its own process (each notebook's own `jobs` capped at its share
 # of the cores, idle OpenMP threads sleeping). Measured on 2 cores: smoke 66 s with 2, 84 s with 1;
-# full 174 s with 2, 194 s with 1.
+# full 24 min with 2 (notebook 05's study alone 21 min: 140 runs).
 JOBS ?= 2
 report: $(STAMP)
 	$(BIN)/reprokit report --profile $(PROFILE) --out reports --jobs $(JOBS)
