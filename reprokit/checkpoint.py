@@ -408,7 +408,7 @@ def latest_pointer(run_dir: str | Path) -> str | None:
     name of a checkpoint directory of this run (``step-N``), else a :class:`CheckpointError`.
     It may name a checkpoint since deleted: readers scan the directories and never trust it alone."""
     path = checkpoints_root(run_dir) / LATEST
-    if not path.is_file() and not path.is_symlink():
+    if not path.exists() and not path.is_symlink():
         return None
     try:
         fd, _ = untrusted.open_plain(path)
@@ -450,12 +450,14 @@ def verify_run(run_dir: str | Path, *, config: Mapping[str, Any] | None = None,
 
 def clean_temporaries(run_dir: str | Path) -> None:
     """Remove half-written ``.tmp-*`` directories and pointers a killed writer left behind (the
-    spare tensors file stays if it is a plain file: the resumed run's next save overwrites it)."""
+    spare tensors file stays if it is a plain file: the resumed run's next save overwrites it), and
+    a ``latest`` that is not a plain file. Links are removed, never followed."""
     root = checkpoints_root(run_dir)
     if root.is_dir():
         for p in root.iterdir():
-            spare = p.name == SPARE and p.is_file() and not p.is_symlink()
-            if p.name.startswith(TMP_PREFIX) and not spare:
+            plain = p.is_file() and not p.is_symlink()
+            swept = p.name.startswith(TMP_PREFIX) and not (p.name == SPARE and plain)
+            if swept or (p.name == LATEST and not plain):  # such a ``latest`` the next save could not replace
                 _remove(p)
 
 

@@ -282,17 +282,21 @@ def test_a_forged_run_file_refuses_the_relaunch_and_changes_nothing(runs: tuple[
     (b"/etc/passwd\n", r"latest: names '/etc/passwd'"),
     (b"step-0000006" * 100, r"latest: names 'step-0000006step-"),
     (None, r"latest: cannot be opened \(a symbolic link\)"),
+    (b"", r"latest: not a plain file"),
 ])
 def test_a_hostile_latest_is_named_by_readers_and_ignored_by_the_relaunch(
         runs: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str], pointer: bytes | None,
         message: str) -> None:
     """``latest`` must name a checkpoint of this run: otherwise verify says so in one line (exit 2),
-    and a relaunch, which never trusts it, resumes from the newest checkpoint that verifies."""
+    and a relaunch, which never trusts it, resumes from the newest checkpoint that verifies, and
+    its saves write ``latest`` again (a directory there swept first); the run ends bit-exact."""
     run_dir = _copy(runs, tmp_path)
     latest = run_dir / "checkpoints" / "latest"
     latest.unlink()
     if pointer is None:
         latest.symlink_to(tmp_path / "run" / "manifest.json")
+    elif not pointer:
+        latest.mkdir()
     else:
         latest.write_bytes(pointer)
     with pytest.raises(CheckpointError, match=message):
@@ -301,6 +305,8 @@ def test_a_hostile_latest_is_named_by_readers_and_ignored_by_the_relaunch(
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "latest" in err
     assert _resumed(run_dir)[0] == 6
+    _loop(run_dir)
+    assert _final(run_dir) == runs[1] and latest_pointer(run_dir) == "step-0000015"
 
 
 def test_forged_csv_and_model_files_are_run_dir_errors(runs: tuple[Path, str], tmp_path: Path) -> None:
