@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,26 @@ import torch
 import xxhash
 
 _HEADS: dict[tuple[str, torch.dtype, torch.Size], bytes] = {}  # name, dtype, shape -> the digest's header
-
-
 _CHARS: dict[int, Any] = {}  # byte count -> a ctypes char array type of that size
+_STRIDED = torch.strided
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """Laid out plainly: a strided, contiguous CPU tensor without a conjugate or negative bit.
+    ``is_cpu`` and ``nbytes`` rather than ``device.type`` and ``numel() * element_size()``: the
+    per-step digests ask this of every tensor, and ``device`` builds a new object each time."""
+    return t.is_cpu and t.layout is _STRIDED and t.is_contiguous() and not t.is_conj() and not t.is_neg()
+
+
+def _resolved(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().resolve_conj().resolve_neg().contiguous()
+
+
+def _chars(size: int) -> Any:
+    chars = _CHARS.get(size)
+    if chars is None:
+        chars = _CHARS[size] = ctypes.c_char * size
+    return chars
 
 
 def update_with_tensor(h: Any, tensor: torch.Tensor) -> None:
@@ -29,35 +46,50 @@ def update_with_tensor(h: Any, tensor: torch.Tensor) -> None:
     address, while ``tensor`` (this call's argument) keeps that memory alive: cheaper than
     ``.numpy()``, which builds a detached tensor and an array each time. Anything else is first
     made into such a tensor (bfloat16 included: bytes are bytes)."""
-    t = tensor
-    if not (t.layout is torch.strided and t.device.type == "cpu" and t.is_contiguous()
-            and not t.is_conj() and not t.is_neg()):
-        t = t.detach().cpu().resolve_conj().resolve_neg().contiguous()
-    size = t.numel() * t.element_size()
+    t = tensor if _plain(tensor) else _resolved(tensor)
+    size = t.nbytes
     if size:
-        chars = _CHARS.get(size)
-        if chars is None:
-            chars = _CHARS[size] = ctypes.c_char * size
-        h.update(chars.from_address(t.data_ptr()))
+        h.update(_chars(size).from_address(t.data_ptr()))
 
 
-def tensor_digest(name: str, tensor: torch.Tensor) -> str:
-    """xxh3-128 hex digest over a tensor's name, dtype, shape and bytes."""
+def _head(name: str, tensor: torch.Tensor) -> bytes:
     key = (name, tensor.dtype, tensor.shape)
     head = _HEADS.get(key)
     if head is None:
         head = f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode()
         if len(_HEADS) < 1 << 16:  # per-step digests meet the same few hundred tensors again and again
             _HEADS[key] = head
-    h = xxhash.xxh3_128(head)
+    return head
+
+
+def tensor_digest(name: str, tensor: torch.Tensor) -> str:
+    """xxh3-128 hex digest over a tensor's name, dtype, shape and bytes."""
+    h = xxhash.xxh3_128(_head(name, tensor))
     update_with_tensor(h, tensor)
     return h.hexdigest()
+
+
+def named_digests(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:
+    """``{name: tensor_digest(name, t)}`` for every pair, in order: the same values, with
+    :func:`tensor_digest`'s steps inlined, since a step's digests pay them per tensor (a small
+    tensor costs more in these Python-level calls than in hashing its bytes)."""
+    out = {}
+    heads, xxh3_128 = _HEADS, xxhash.xxh3_128
+    for name, tensor in tensors:
+        head = heads.get((name, tensor.dtype, tensor.shape))
+        h = xxh3_128(head if head is not None else _head(name, tensor))
+        t = tensor if _plain(tensor) else _resolved(tensor)
+        size = t.nbytes
+        if size:
+            h.update(_chars(size).from_address(t.data_ptr()))
+        out[name] = h.hexdigest()
+    return out
 
 
 def state_digests(state: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, str]:
     """Digest of every parameter and buffer, keyed by its ``state_dict`` name, in that order."""
     tensors = state.state_dict() if isinstance(state, torch.nn.Module) else state
-    return {name: tensor_digest(name, t) for name, t in tensors.items()}
+    return named_digests(tensors.items())
 
 
 def combine_digests(digests: Mapping[str, str]) -> str:

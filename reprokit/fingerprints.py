@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import xxhash
 
-from reprokit.digests import tensor_digest, update_with_tensor
+from reprokit.digests import named_digests, update_with_tensor
 from reprokit.globalrng import global_streams
 
 FINGERPRINTS = "fingerprints.csv"
@@ -125,9 +125,10 @@ def loss_bits(value: float) -> str:
 
 def grad_digests(parameters: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """Per-tensor digests of the parameters' ``.grad`` (:data:`NO_GRAD` where there is none)."""
-    out = {}
-    for name, p in parameters.items():
-        grad = p.grad
-        out[name] = tensor_digest(name, grad) if grad is not None else NO_GRAD
-    return out
+    grads = [(name, p.grad) for name, p in parameters.items()]
+    present = [(name, g) for name, g in grads if g is not None]
+    digests = named_digests(present)
+    if len(present) == len(grads):
+        return digests
+    return {name: digests.get(name, NO_GRAD) for name, _ in grads}
 
