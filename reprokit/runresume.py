@@ -154,20 +154,23 @@ RESUME_POLICIES = ("auto", "never", "required")
 
 def open_run_dir(path: Path, config: dict[str, Any], seeds: SeedRecord, settings: dict[str, Any],
                  env: Overrides, *, force: bool, kind: str = "script", resume: str = "auto",
-                 ignore: frozenset[str] = frozenset(), ledger: bool = True) -> Opened:
+                 ignore: frozenset[str] = frozenset(), ledger: bool = True,
+                 distributed: Mapping[str, Any] | None = None) -> Opened:
     """Start a new run in ``path``, or continue (or refuse) the one it holds.
 
     ``kind="script"`` identifies a run by the user's script and checkout; ``"builtin"`` (reprokit's
     own trainer) by its config without the ``ignore`` fields and reprokit's code. ``resume``:
     ``"auto"`` continues an unfinished run and exits 0 on a finished one, ``"never"`` refuses a
-    directory that holds a run, ``"required"`` refuses one that holds none.
+    directory that holds a run, ``"required"`` refuses one that holds none. ``distributed`` (a
+    torchrun rank's world, :mod:`reprokit.runworld`) is recorded; a relaunch at another world size
+    is refused.
     """
     if kind not in KINDS or resume not in RESUME_POLICIES:
         raise ConfigError(f"kind {kind!r} / resume {resume!r}: pass one of {KINDS} / {RESUME_POLICIES}")
     lock = _writer_lock(path, resume)  # before any check or sweep: a second writer stops here
     try:
         return _open(path, lock, config, seeds, settings, env, force=force, kind=kind, resume=resume,
-                     ignore=ignore, ledger=ledger)
+                     ignore=ignore, ledger=ledger, distributed=distributed)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -186,11 +189,12 @@ def _writer_lock(path: Path, resume: str) -> RunLock | None:
 
 def _open(path: Path, lock: RunLock | None, config: dict[str, Any], seeds: SeedRecord,
           settings: dict[str, Any], env: Overrides, *, force: bool, kind: str, resume: str,
-          ignore: frozenset[str], ledger: bool) -> Opened:
+          ignore: frozenset[str], ledger: bool, distributed: Mapping[str, Any] | None = None) -> Opened:
     entry = entry_point()
     code = code_state(code_root(entry)) if kind == "script" else code_state()
     new = script_manifest(config, seeds, code=code, entry=entry.to_dict(), settings=settings,
                           overrides=env.to_dict(), kind=kind, recording=ignore)
+    new.update({"distributed": dict(distributed)} if distributed is not None else {})
     if not (path / MANIFEST).is_file():
         if resume == "required":
             raise ResumeRefused(f"{str(path)!r} holds no run to resume (no {MANIFEST}); train it first")
@@ -217,6 +221,7 @@ def _open(path: Path, lock: RunLock | None, config: dict[str, Any], seeds: SeedR
     if stored.get("kind", "builtin") != kind:
         raise ResumeRefused(f"{str(path)!r} holds a run of {stored.get('kind', 'builtin')!r} kind, not of "
                             f"{kind!r}; continue it the way it was started, or pass a new run directory")
+    _check_world_size(path, stored, (distributed or {}).get("world_size", 1))
     diffs = recipe_differences(stored, new) if kind == "script" else builtin_differences(stored, new, ignore)
     if diffs and not force and kind == "builtin":
         raise ResumeRefused(
@@ -235,6 +240,16 @@ def _open(path: Path, lock: RunLock | None, config: dict[str, Any], seeds: SeedR
     # then a writer with no file open holds the lock
     return Opened(stored, RunWriter.holding(path, lock), entry_row, resumed, fresh=False, differences=diffs,
                   skipped=skipped)
+
+
+def _check_world_size(path: Path, stored: Mapping[str, Any], world_size: int) -> None:
+    """A relaunch at another world size is refused: a checkpoint holds one rank's state per rank."""
+    then = _nested(path, stored, "distributed").get("world_size", 1)
+    if then != world_size:
+        raise ResumeRefused(
+            f"{str(path)!r} was run at world size {then}, this launch has world size {world_size}: resuming "
+            "at another world size needs the DCP checkpoint path (not built yet); relaunch it with "
+            f"torchrun --nproc-per-node {then}")
 
 
 def fitting(path: Path, chosen: _Chosen | None, architecture: Mapping[str, Any], *, config: Mapping[str, Any],
