@@ -205,7 +205,7 @@ VARIANTS = (BARE, Variant("digests every step", True, digest_every=1),
             Variant("digests off", True, digest_every=0),
             Variant("tracing every step", True, digest_every=1, trace_every=1),
             Variant("digests, bare loader", True, digest_every=1, run_loader=False),
-            Variant("digests, no grad digests", True, digest_every=1, grad_every=0))
+            Variant("no grad digests", True, digest_every=1, grad_every=0))
 
 
 @dataclass(frozen=True)
