@@ -38,12 +38,14 @@ from reprokit.checkpoint import Snapshot
 from reprokit.checkpointer import Checkpointer
 from reprokit.datadigest import digest_data
 from reprokit.digests import combine_digests, state_digests
+from reprokit.distributed import leave_process_group, rank_seed
 from reprokit.errors import ConfigError, DataError, ReprokitError
 from reprokit.faults import NO_FAULTS, Faults, kill_self
 from reprokit.overrides import Overrides, read_overrides
 from reprokit.runloader import RunLoader, loader_arguments, with_workers
 from reprokit.runrecorder import StepRecorder, csv_row, loss_value, number, put_metrics
 from reprokit.runresume import (
+    Opened,
     Resumed,
     ResumeRefused,
     RunFinished,
@@ -55,6 +57,14 @@ from reprokit.runsnapshot import take_snapshot
 from reprokit.runstart import RunStart
 from reprokit.runstop import EXIT_STOPPED, ResumeInfo, RunSummary, StopSignals, progress_bar
 from reprokit.runtracked import Tracked
+from reprokit.runworld import (
+    due_on_rank0,
+    join_world,
+    manifest_entry,
+    open_in_rank_order,
+    rank_path,
+    replica_mismatches,
+)
 from reprokit.seeding import seed_everything
 from reprokit.trace import Tracer
 
@@ -106,15 +116,20 @@ class Run(RunStart):
             grad_digest_every=grad_digest_every, trace_every=trace_every, checkpoint_every=checkpoint_every,
             checkpoint_seconds=checkpoint_seconds, keep_last=keep_last, async_save=async_save, steps=steps,
             progress=progress, force=force)
-        self.path, self.sources, self.config = cfg.path, cfg.sources, config
+        # under torchrun (WORLD_SIZE > 1) rank 0 records in run_dir, rank r in run_dir/ranks/rank-r
+        self.world = join_world()
+        ledger = ledger and self.world.is_main
+        self.path, self.sources, self.config = rank_path(cfg.path, self.world), cfg.sources, config
         self.seed = self.sources.init
-        self._num_workers, self._progress = cfg.num_workers, cfg.progress
+        self._num_workers, self._progress = cfg.num_workers, cfg.progress if self.world.is_main else False
         self.seeds = seed_everything(self.seed, deterministic=cfg.deterministic, threads=cfg.threads)
         if self.sources.per_source:
             self.seeds = dataclasses.replace(self.seeds, sources=self.sources.to_dict())
-        opened = open_run_dir(self.path, config_mapping(config), self.seeds, cfg.recorded(), env,
-                              force=cfg.force, kind=kind, resume=resume, ignore=frozenset(ignore),
-                              ledger=ledger)
+        self._rank_seed = rank_seed(self.sources.dropout, self.world.rank) if self.world.rank else None
+        self._distributed = manifest_entry(self.world, cfg.threads, self._rank_seed)
+        self._replica_mismatch: list[list[int]] = []  # [step, rank] whose parameters differ from rank 0's
+        opened = self._open(config, cfg.recorded(), env, force=cfg.force, kind=kind, resume=resume,
+                            ignore=frozenset(ignore), ledger=ledger)
         self._manifest, self._writer, self._ledger = opened.manifest, opened.writer, opened.ledger
         self._resumed: Resumed | None = opened.resumed
         self._force, self._record_ledger, self._ignore = cfg.force, ledger, frozenset(ignore)
@@ -151,6 +166,18 @@ class Run(RunStart):
         self._bar: Any = None
         self._signals = StopSignals()
         atexit.register(self._at_exit)
+
+    def _open(self, config: Any, settings: dict[str, Any], env: Overrides, *, force: bool, kind: str,
+              resume: str, ignore: frozenset[str], ledger: bool) -> Opened:
+        """Open this rank's run directory (rank 0's first); a failure leaves the group Run made."""
+        try:
+            return open_in_rank_order(self.world, lambda: open_run_dir(
+                self.path, config_mapping(config), self.seeds, settings, env, force=force, kind=kind,
+                resume=resume, ignore=ignore, ledger=ledger, distributed=self._distributed), _release)
+        except BaseException:
+            if self.world.world_size > 1:  # every rank fails here together
+                leave_process_group(self.world)
+            raise
 
     # --- what a checkpoint holds -------------------------------------------------------------
     def track(self, **objects: Any) -> None:
@@ -230,10 +257,13 @@ class Run(RunStart):
                                "loss": loss_value(loss)}
         put_metrics(row, metrics)
         self.digests = self._recorder.write_step(self._files, row, row["loss"] if loss is not None else None)
+        if self.world.world_size > 1 and self.digests is not None:
+            bad = replica_mismatches(self.world, step, combine_digests(self.digests))
+            self._replica_mismatch += [[step, rank] for rank in bad]
         self._state.step, self._state.digests = step, self.digests
         for cb in self._callbacks:
             cb.on_step_end(self._state)
-        if step != self.steps and self._checkpointer.due(step):
+        if step != self.steps and self._checkpoint_due(step):
             self._checkpointer.save(self._snapshot)
         self._expect_step()
         if self._bar is None:
@@ -290,11 +320,13 @@ class Run(RunStart):
             "final_digest": final_digest, "final_metric": metric, "metric_name": name,
             "metrics": values, "steps": self.global_step, "seconds": round(summary.seconds, 3),
             "data_digest": self._manifest["data"]["digest"], "resumed_from_step": self.resumed_from,
+            **({"replica_mismatch": self._replica_mismatch} if self.world.world_size > 1 else {}),
             **(result or {}),
         })
         if self._ledger is not None:
             self._ledger.finish(final_digest, metric if name else None)
         self._close("finished")
+        leave_process_group(self.world)  # only a group Run created
         return summary
 
     @property
@@ -334,6 +366,12 @@ class Run(RunStart):
         return take_snapshot(self._tracked, self._loaders, self._callbacks, step=self.global_step,
                              epoch=self.epoch, manifest=self._manifest, files=self._files)
 
+    def _checkpoint_due(self, step: int) -> bool:
+        due = self._checkpointer.due(step)
+        if self.world.world_size > 1 and self._checkpointer.seconds:
+            return due_on_rank0(due)  # the ranks' clocks differ; their checkpoint steps must not
+        return due
+
     def _before_update(self, *_: Any) -> None:
         self._checkpointer.before_update()  # an async save may still be copying the weights
         self._recorder.before_update()
@@ -366,3 +404,11 @@ class Run(RunStart):
         """A script that raised (or returned without finish()) leaves the run crashed, resumable."""
         with contextlib.suppress(Exception):  # exiting anyway; the run directory is consistent
             self._close("crashed")
+
+
+def _release(opened: Opened) -> None:
+    """Close a run directory opened on this rank when another rank could not open its own."""
+    if opened.writer is not None:
+        opened.writer.close()
+    if opened.ledger is not None:
+        opened.ledger.mark("crashed")

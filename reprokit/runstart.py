@@ -16,16 +16,26 @@ from typing import Any
 import torch
 
 from reprokit.callbacks import Callback, TrainState
-from reprokit.checkpoint import architecture
+from reprokit.checkpoint import CheckpointMeta, architecture
+from reprokit.distributed import World
 from reprokit.errors import ReprokitError
 from reprokit.faults import flip_bit
 from reprokit.ledger import LedgerEntry
 from reprokit.rundir import MANIFEST, RunWriter, read_json
 from reprokit.runloader import RunLoader
 from reprokit.runrecorder import StepRecorder, put_metrics
-from reprokit.runresume import POSITION_KEY, Resumed, begin_differences, record_begin, settle
+from reprokit.runresume import (
+    POSITION_KEY,
+    Resumed,
+    begin_differences,
+    fitting,
+    newest_valid,
+    record_begin,
+    settle,
+)
 from reprokit.runsnapshot import restore_snapshot
 from reprokit.runtracked import Tracked
+from reprokit.runworld import agree_step
 from reprokit.seeding import SeedRecord, Seeds, derive_seed
 
 __all__ = ["RunStart"]
@@ -43,6 +53,8 @@ class RunStart:
     epoch: int
     resumed_from: int | None
     resuming: bool
+    world: World
+    _rank_seed: int | None
     digests: dict[str, str] | None
     _tracked: Tracked
     _recorder: StepRecorder
@@ -90,11 +102,15 @@ class RunStart:
         if self._extra_data is not None:
             sources["data"] = self._extra_data
         self._state = TrainState(self.config, modules[0], self._tracked.optimizer(), None, self.steps or 0)
+        layout = architecture(self._module_state())
         if self.resuming:
             self._differences += begin_differences(self.path, self._manifest, sources, self._described,
                                                    force=self._force)
+        if self.world.world_size > 1:  # every rank takes part, a fresh one with step 0
+            self._resumed = self._agree_checkpoint(layout)
+        if self.resuming:
             self._resumed, self._writer = settle(
-                self.path, self._resumed, architecture(self._module_state()), ignore=self._ignore,
+                self.path, self._resumed, layout, ignore=self._ignore,
                 differences=self._differences, skipped=self._skipped, threads=self.seeds.threads)
         if self._resumed is None:  # a new run, or a relaunch with no checkpoint that fits: step 0
             self._begin_at_zero(sources)
@@ -128,10 +144,33 @@ class RunStart:
         self._init_pending = True
         if self.sources.per_source:  # dropout's stream, whatever initialisation consumed
             torch.manual_seed(derive_seed(self.sources.dropout, "dropout"))
+        if self._rank_seed is not None:  # rank r > 0 under torchrun: its own dropout masks
+            torch.manual_seed(self._rank_seed)
         self._recorder.take_init(self._module_state())
         self._expect_step()
         for cb in self._callbacks:
             cb.on_train_start(self._state)
+
+    def _agree_checkpoint(self, layout: Mapping[str, Any]) -> Resumed | None:
+        """The checkpoint this rank continues from at the step every rank holds (see
+        :func:`reprokit.runworld.agree_step`); None: all ranks start over."""
+        resumed = self._resumed
+        if resumed is None:
+            agree_step(self.world, None, _step_of, lambda chosen, step: None)
+            return None
+        config, chosen = resumed.stored["config"], (resumed.meta, resumed.state, resumed.checkpoint)
+        first = fitting(self.path, chosen, layout, config=config, ignore=self._ignore, skipped=self._skipped)
+
+        def older(newer: _Chosen, step: int) -> _Chosen | None:
+            self._skipped.append((newer[2], f"step {newer[0].step} is newer than step {step}, the newest "
+                                            "step every rank holds a checkpoint of"))
+            found, more = newest_valid(self.path, below=step + 1, config=config, ignore=self._ignore)
+            self._skipped.extend(more)
+            return fitting(self.path, found, layout, config=config, ignore=self._ignore,
+                           skipped=self._skipped)
+
+        agreed = agree_step(self.world, first, _step_of, older)
+        return Resumed(*agreed, self._skipped, resumed.stored, resumed.force) if agreed else None
 
     def _write_init(self, metrics: Mapping[str, Any]) -> None:
         self._init_pending = False
@@ -161,3 +200,10 @@ class RunStart:
                          step=self.global_step, path=self.path)
         self._pending = False
         self._recorder.restored(loaders=bool(self._loaders))
+
+
+_Chosen = tuple[CheckpointMeta, dict[str, Any], str]  # a checkpoint's meta, state and name
+
+
+def _step_of(chosen: _Chosen) -> int:
+    return chosen[0].step

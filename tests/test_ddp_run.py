@@ -1,0 +1,125 @@
+"""reprokit.Run under ``torchrun --standalone --nproc-per-node 2`` in reduction mode "ddp": a user's own
+DDP loop (tests/fixtures/ddprun/ddp_digits.py) repeats bitwise, every rank's digests are recorded and
+compared with rank 0's, and a killed run relaunched at the same world size finishes with the
+uninterrupted model; a relaunch at another world size is refused.
+
+Four torchrun launches in all (the reference run is shared by the module); each is bounded by a
+deadline that kills torchrun and every rank it started.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FIXTURE = Path(__file__).parent / "fixtures" / "ddprun" / "ddp_digits.py"
+REPO = Path(__file__).parents[1]
+DEADLINE = 180.0  # seconds for one launch (~10 s on an idle 2-core machine)
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _launch(run_dir: Path, *args: str, nproc: int | None = 2, **env: str) -> tuple[int, str]:
+    """The fixture under torchrun with ``nproc`` ranks (plain python when None): exit status, output."""
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node",
+                str(nproc)] if nproc else [sys.executable]
+    environ = {k: v for k, v in os.environ.items() if k not in _DIST_VARS and not k.startswith("REPROKIT_")}
+    proc = subprocess.Popen([*torchrun, str(FIXTURE), str(run_dir), *args], cwd=REPO, text=True,
+                            env={**environ, "OMP_NUM_THREADS": "1", "REPROKIT_PROGRESS": "0", **env},
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output, _ = proc.communicate(timeout=DEADLINE)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its ranks
+        output, _ = proc.communicate()
+        pytest.fail(f"the launch did not finish in {DEADLINE} s:\n{output}")
+    return proc.returncode, output
+
+
+def _result(run_dir: Path) -> dict[str, object]:
+    return dict(json.loads((run_dir / "result.json").read_text()))
+
+
+def _rank1(run_dir: Path) -> Path:
+    return run_dir / "ranks" / "rank-1"
+
+
+def _checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+
+
+def _files(run_dir: Path) -> dict[Path, bytes]:
+    """Every file's bytes but the lock's (a refused relaunch takes a killed run's stale lock, frees it)."""
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run at 2 ranks."""
+    run_dir = tmp_path_factory.mktemp("ddp") / "a"
+    status, output = _launch(run_dir)
+    assert status == 0, output
+    return run_dir
+
+
+def test_two_ranks_repeat_bitwise_and_agree(reference: Path, tmp_path: Path) -> None:
+    """Two launches at N=2 give the same final digest; each rank records digests equal to rank 0's in its
+    own directory, draws its own dropout stream, and rank 0's manifest names the distributed setup. The
+    second launch also checkpoints every 0.01 s (rank 0 decides: every rank saves the same steps) and
+    changes rank 1's weights outside DDP for step 5 only (reported, then put back)."""
+    again = tmp_path / "b"
+    status, output = _launch(again, "--seconds", "0.01", "--perturb-at", "5")
+    assert status == 0, output
+    assert _result(again)["replica_mismatch"] == [[5, 1]]
+    assert "rank 1's parameters differ from rank 0's after step 5" in output
+    assert _checkpoints(again) == _checkpoints(_rank1(again))
+    finals = {_result(d)["final_digest"] for d in (reference, _rank1(reference), again, _rank1(again))}
+    assert len(finals) == 1
+    assert (reference / "digests.csv").read_bytes() == (_rank1(reference) / "digests.csv").read_bytes()
+    assert _result(reference)["replica_mismatch"] == []
+    manifest = json.loads((reference / "manifest.json").read_text())
+    keys = ("backend", "world_size", "threads_per_rank", "reduction")
+    recorded = {k: manifest["distributed"][k] for k in keys}
+    assert recorded == {"backend": "gloo", "world_size": 2, "threads_per_rank": 1, "reduction": "ddp"}
+    torch_streams = [[row["torch"] for row in csv.DictReader((d / "fingerprints.csv").open())]
+                     for d in (reference, _rank1(reference))]
+    assert all(a != b for a, b in zip(*torch_streams, strict=True))  # rank 1 re-seeded: other dropout masks
+    verified = subprocess.run([sys.executable, "-m", "reprokit", "verify", str(reference)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "2/2 checkpoints verify" in verified.stdout  # ranks/ is not mistaken for a checkpoint
+
+
+def test_killed_run_resumes_at_the_same_world_size(reference: Path, tmp_path: Path) -> None:
+    """Killed at step 10 with rank 1's newest checkpoint damaged: a relaunch at N=1 is refused naming both
+    world sizes, changing nothing; the same torchrun command settles every rank at step 4 (the newest
+    step all ranks hold) and finishes with the uninterrupted final digest."""
+    run_dir = tmp_path / "c"
+    status, output = _launch(run_dir, REPROKIT_CRASH_AT_STEP="10")
+    assert status != 0 and not (run_dir / "result.json").exists(), output
+    assert _checkpoints(run_dir) == _checkpoints(_rank1(run_dir)) == ["step-0000004", "step-0000008"]
+    damaged = _rank1(run_dir) / "checkpoints" / "step-0000008" / "tensors.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    before = _files(run_dir)
+
+    status, output = _launch(run_dir, nproc=None)
+    assert status != 0
+    assert "was run at world size 2, this launch has world size 1" in output
+    assert "needs the DCP checkpoint path" in output
+    assert _files(run_dir) == before
+
+    status, output = _launch(run_dir)
+    assert status == 0, output
+    assert "skipped step-0000008: step 8 is newer than step 4" in output  # rank 0 falls back
+    for d in (run_dir, _rank1(run_dir)):
+        assert (_result(d)["final_digest"], _result(d)["resumed_from_step"]) == \
+            (_result(reference)["final_digest"], 4)
+    assert (run_dir / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
