@@ -19,6 +19,14 @@ exact: when the resumed epoch's loader iterator exists (see :mod:`reprokit.runlo
 finished run it exits with status 0 (:class:`RunFinished`). SIGTERM and SIGINT stop the run after
 the current step with a verified checkpoint, exit status :data:`EXIT_STOPPED`. reprokit's built-in
 trainer (:mod:`reprokit.trainer`) is a client of this class like any script.
+
+Under ``torchrun --nproc-per-node N`` (N > 1) the same script runs distributed, reduction mode
+"ddp" (:mod:`reprokit.runworld`): Run joins or creates the process group (and leaves one it created
+at ``finish``), rank 0 records in the run directory and rank r in ``RUN_DIR/ranks/rank-r``
+(``run.path``), each rank's parameter digests are compared with rank 0's after every digest step,
+and a relaunch of the same command continues every rank from the same step. A relaunch at another
+world size is refused. Wrap the model in ``DistributedDataParallel`` after constructing the Run and
+track the inner module.
 """
 
 from __future__ import annotations

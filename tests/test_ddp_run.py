@@ -18,6 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from torch import nn
+
+import reprokit
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ddprun" / "ddp_digits.py"
 REPO = Path(__file__).parents[1]
@@ -123,3 +126,17 @@ def test_killed_run_resumes_at_the_same_world_size(reference: Path, tmp_path: Pa
         assert (_result(d)["final_digest"], _result(d)["resumed_from_step"]) == \
             (_result(reference)["final_digest"], 4)
     assert (run_dir / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
+
+
+def test_one_process_records_no_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without torchrun a Run makes no process group and its manifest and result are as before."""
+    for name in _DIST_VARS:
+        monkeypatch.delenv(name, raising=False)
+    run = reprokit.Run(tmp_path / "one", ledger=False, progress=False, overrides=False)
+    run.track(model=nn.Linear(2, 1))
+    run.step()
+    run.finish()
+    assert (run.world.world_size, run.world.backend, run.path) == (1, None, tmp_path / "one")
+    assert "distributed" not in json.loads((tmp_path / "one" / "manifest.json").read_text())
+    assert "replica_mismatch" not in _result(tmp_path / "one")
+    assert not (tmp_path / "one" / "ranks").exists()
