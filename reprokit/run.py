@@ -372,7 +372,8 @@ class Run(RunStart):
     # --- internals ---------------------------------------------------------------------------
     def _snapshot(self) -> Snapshot:
         return take_snapshot(self._tracked, self._loaders, self._callbacks, step=self.global_step,
-                             epoch=self.epoch, manifest=self._manifest, files=self._files)
+                             epoch=self.epoch, manifest=self._manifest, files=self._files,
+                             replica_mismatch=self._replica_mismatch if self.world.world_size > 1 else None)
 
     def _checkpoint_due(self, step: int) -> bool:
         due = self._checkpointer.due(step)

@@ -21,12 +21,16 @@ from reprokit.runresume import POSITION_KEY, TRACKED_KEY, restore_tracked
 from reprokit.runtracked import Tracked
 from reprokit.seeding import RngState, capture_rng_state, restore_rng_state
 
-__all__ = ["restore_snapshot", "take_snapshot"]
+__all__ = ["REPLICA_KEY", "restore_snapshot", "take_snapshot"]
+
+REPLICA_KEY = "replica_mismatch"  # state.pt position, under torchrun: [[step, rank], ...] so far
 
 
 def take_snapshot(tracked: Tracked, loaders: Sequence[RunLoader], callbacks: tuple[Callback, ...], *,
-                  step: int, epoch: int, manifest: Mapping[str, Any], files: RunWriter) -> Snapshot:
-    """The run's state after ``step``: what the checkpointer writes (and verifies)."""
+                  step: int, epoch: int, manifest: Mapping[str, Any], files: RunWriter,
+                  replica_mismatch: list[list[int]] | None = None) -> Snapshot:
+    """The run's state after ``step``: what the checkpointer writes (and verifies); under torchrun
+    also the (step, rank) pairs whose parameters differed from rank 0's so far."""
     modules = tracked.modules()
     active = [ld for ld in loaders if ld.active]
     keys = callback_keys(callbacks)
@@ -36,7 +40,8 @@ def take_snapshot(tracked: Tracked, loaders: Sequence[RunLoader], callbacks: tup
         RNG_KEY: capture_rng_state().to_dict(),
         CALLBACKS_KEY: dict(zip(keys, [cb.state_dict() for cb in callbacks], strict=True)),
         POSITION_KEY: {"loaders": {str(ld.index): ld.state() for ld in loaders},
-                       "modules": list(modules), "tracked": list(tracked.objects)},
+                       "modules": list(modules), "tracked": list(tracked.objects),
+                       **({REPLICA_KEY: replica_mismatch} if replica_mismatch is not None else {})},
     }
     meta = CheckpointMeta(
         step=step, epoch=epoch, batch=active[0].batch if active else 0,

@@ -33,7 +33,7 @@ from reprokit.runresume import (
     record_begin,
     settle,
 )
-from reprokit.runsnapshot import restore_snapshot
+from reprokit.runsnapshot import REPLICA_KEY, restore_snapshot
 from reprokit.runtracked import Tracked
 from reprokit.runworld import agree_step
 from reprokit.seeding import SeedRecord, Seeds, derive_seed
@@ -55,6 +55,7 @@ class RunStart:
     resuming: bool
     world: World
     _rank_seed: int | None
+    _replica_mismatch: list[list[int]]
     digests: dict[str, str] | None
     _tracked: Tracked
     _recorder: StepRecorder
@@ -118,6 +119,7 @@ class RunStart:
         self._resumed.check_names(list(self._tracked.objects))
         self.global_step, self.epoch = self._resumed.meta.step, self._resumed.meta.epoch
         self.resumed_from = self.global_step
+        self._replica_mismatch = _pairs(self._resumed.state[POSITION_KEY].get(REPLICA_KEY))
         self._pending = True
         for ld in self._loaders:
             saved = self._resumed.state[POSITION_KEY]["loaders"].get(str(ld.index))
@@ -203,6 +205,14 @@ class RunStart:
 
 
 _Chosen = tuple[CheckpointMeta, dict[str, Any], str]  # a checkpoint's meta, state and name
+
+
+def _pairs(saved: Any) -> list[list[int]]:
+    """The replica mismatches a checkpoint recorded before the relaunch ([] if none or not pairs)."""
+    if not isinstance(saved, list):
+        return []
+    return [[int(p[0]), int(p[1])] for p in saved
+            if isinstance(p, list) and len(p) == 2 and all(type(v) is int for v in p)]
 
 
 def _step_of(chosen: _Chosen) -> int:

@@ -66,8 +66,9 @@ def _files(run_dir: Path) -> dict[Path, bytes]:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted run at 2 ranks."""
     run_dir = tmp_path_factory.mktemp("ddp") / "a"
-    status, output = _launch(run_dir)
+    status, output = _launch(run_dir, "--perturb-at", "3")
     assert status == 0, output
+    assert _result(run_dir)["replica_mismatch"] == [[3, 1]]  # found before the kill, kept by checkpoint 4
     return run_dir
 
 
@@ -102,9 +103,10 @@ def test_two_ranks_repeat_bitwise_and_agree(reference: Path, tmp_path: Path) -> 
 def test_killed_run_resumes_at_the_same_world_size(reference: Path, tmp_path: Path) -> None:
     """Killed at step 10 with rank 1's newest checkpoint damaged: a relaunch at N=1 is refused naming both
     world sizes, changing nothing; the same torchrun command settles every rank at step 4 (the newest
-    step all ranks hold) and finishes with the uninterrupted final digest."""
+    step all ranks hold) and finishes with the uninterrupted final digest, the replica mismatch of step
+    3 (rank 1 perturbed for that step) still reported."""
     run_dir = tmp_path / "c"
-    status, output = _launch(run_dir, REPROKIT_CRASH_AT_STEP="10")
+    status, output = _launch(run_dir, "--perturb-at", "3", REPROKIT_CRASH_AT_STEP="10")
     assert status != 0 and not (run_dir / "result.json").exists(), output
     assert _checkpoints(run_dir) == _checkpoints(_rank1(run_dir)) == ["step-0000004", "step-0000008"]
     damaged = _rank1(run_dir) / "checkpoints" / "step-0000008" / "tensors.safetensors"
@@ -113,14 +115,15 @@ def test_killed_run_resumes_at_the_same_world_size(reference: Path, tmp_path: Pa
     damaged.write_bytes(bytes(data))
     before = _files(run_dir)
 
-    status, output = _launch(run_dir, nproc=None)
+    status, output = _launch(run_dir, "--perturb-at", "3", nproc=None)
     assert status != 0
     assert "was run at world size 2, this launch has world size 1" in output
     assert "needs the DCP checkpoint path" in output
     assert _files(run_dir) == before
 
-    status, output = _launch(run_dir)
+    status, output = _launch(run_dir, "--perturb-at", "3")
     assert status == 0, output
+    assert _result(run_dir)["replica_mismatch"] == [[3, 1]]  # found before the kill, kept by checkpoint 4
     assert "skipped step-0000008: step 8 is newer than step 4" in output  # rank 0 falls back
     for d in (run_dir, _rank1(run_dir)):
         assert (_result(d)["final_digest"], _result(d)["resumed_from_step"]) == \
