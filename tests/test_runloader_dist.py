@@ -2,8 +2,9 @@
 
 One launch runs the loop of tests/fixtures/ddploader/loop.py in FileStore groups of 1, 2 and 4 gloo
 ranks side by side (the store in tmp_path, never a fixed port; a 30 s process-group timeout; a
-subprocess deadline that kills every rank it started). Each rank also runs the loop before joining
-the group and after leaving it, which is how it resumes at another world size within one process.
+subprocess deadline that kills every rank it started); each rank also runs it as one process first.
+Run refuses a relaunch at another world size until its checkpoints go through DCP, so the resume at
+another N is checked on the loader's sampler here, and the relaunch at the same N through Run.
 """
 
 from __future__ import annotations
@@ -102,6 +103,20 @@ def test_shards_in_rank_order_are_the_one_process_batches() -> None:
         assert all(len(s) == 2 and len(s[0]) == 8 // n for s in shards)
 
 
+def test_a_position_continues_at_the_same_global_batch_at_any_world_size() -> None:
+    """A sampler started at global batch b (a resumed position) yields, at N = 2 and 4, the shards
+    of the one-process batches from b on."""
+    def batches(rank: int, n: int, start: int) -> list[list[int]]:
+        sampler = _PassSampler(40, 8, shuffle=True, drop_last=True)
+        sampler.pass_seed, sampler.rank, sampler.world_size, sampler.start = 7, rank, n, start
+        return [[i for _, i in keys] for keys in sampler]
+    whole = batches(0, 1, 0)
+    for n in (2, 4):
+        for start in (1, 3):
+            shards = [batches(r, n, start) for r in range(n)]
+            assert [[i for s in shards for i in s[b]] for b in range(5 - start)] == whole[start:], (n, start)
+
+
 def test_each_global_batch_is_the_same_samples_at_every_world_size(
         jobs: dict[int, list[dict[str, Any]]], reference: list[dict[str, Any]]) -> None:
     """At N = 1, 2, 4 the ranks' samples of each global step are disjoint, G/N each, and together the
@@ -118,8 +133,8 @@ def test_each_global_batch_is_the_same_samples_at_every_world_size(
 
 def test_a_group_of_one_is_the_no_group_loader(
         jobs: dict[int, list[dict[str, Any]]], reference: list[dict[str, Any]]) -> None:
-    """At N = 1, in or out of a group, every rank's loop before the group and the 1-rank group's loop
-    are bitwise the reference: python's draws included."""
+    """At N = 1, in or out of a group, every rank's one-process loop and the 1-rank group's loop are
+    bitwise the reference: python's draws included."""
     def same(steps: list[dict[str, Any]]) -> bool:
         return all(torch.equal(a["rows"], b["rows"]) for a, b in zip(steps, reference, strict=True))
     assert all(same(report["alone"]) for ranks in jobs.values() for report in ranks)
@@ -144,18 +159,16 @@ def test_position_is_the_same_global_counter_at_every_rank_and_world_size(
             assert [step["state"] for step in report["full"]] == [ref["state"] for ref in reference], n
 
 
-def test_resume_at_another_world_size_continues_at_the_same_global_batch(
+def test_a_relaunch_under_ranks_continues_at_the_same_global_batch(
         jobs: dict[int, list[dict[str, Any]]], reference: list[dict[str, Any]]) -> None:
-    """Killed at 1 process and resumed at N ranks, each rank continues with the uninterrupted N-rank
-    run's shards; killed at N ranks and resumed at 1, the rest is bitwise the one-process run's."""
-    tail = reference[loop.KILL_AT:]
+    """Killed after global step KILL_AT at N ranks and relaunched, each rank continues with the
+    uninterrupted N-rank run's shards and positions, nothing replayed."""
     for n, ranks in jobs.items():
         for report in ranks:
-            assert [step["step"] for step in report["resumed_from_1"]] == [ref["step"] for ref in tail]
-            for got, want in zip(report["resumed_from_1"], report["full"][loop.KILL_AT:], strict=True):
-                assert torch.equal(got["rows"], want["rows"]) and got["state"] == want["state"], n
             assert len(report["killed"]) == loop.KILL_AT
-            for got, want in zip(report["resumed_at_1"], tail, strict=True):
+            steps = [step["step"] for step in report["resumed"]]
+            assert steps == [r["step"] for r in reference[loop.KILL_AT:]], n
+            for got, want in zip(report["resumed"], report["full"][loop.KILL_AT:], strict=True):
                 assert torch.equal(got["rows"], want["rows"]) and got["state"] == want["state"], n
 
 
