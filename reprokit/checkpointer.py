@@ -32,6 +32,7 @@ from reprokit.checkpoint import (
     list_checkpoints,
     write_checkpoint,
 )
+from reprokit.diskerrors import DiskError, check_room, writing
 
 _Copies = list[tuple[torch.Tensor, torch.Tensor]]  # (destination, source) pairs still to copy
 
@@ -170,6 +171,8 @@ class Checkpointer:
             self._cleaner = None
         if self._error is not None:
             error, self._error = self._error, None
+            if isinstance(error, DiskError):  # already says what, where and what to do
+                raise error
             raise CheckpointError(f"background checkpoint save failed: {error}") from error
 
     def _commit_in_thread(self, snap: Snapshot, later: _Copies, copied: threading.Event) -> None:
@@ -184,7 +187,11 @@ class Checkpointer:
             self._error = e
 
     def _commit(self, snap: Snapshot, crash: bool) -> None:
-        path = write_checkpoint(self.run_dir, snap, crash_midway=crash)  # verified before commit
+        where = self.run_dir / CHECKPOINTS
+        with writing("checkpoint", f"the checkpoint of step {snap.meta.step}", where):
+            path = write_checkpoint(self.run_dir, snap, crash_midway=crash)  # verified before commit
+        if not self.saved:  # the first save: will keep_last of them fit?
+            check_room(where, sum(f.stat().st_size for f in path.iterdir() if f.is_file()), self.keep)
         self.saved.append(snap.meta.step)
         if self.keep and prune(self.run_dir, self.keep, newest=path):
             self._cleaner = threading.Thread(target=delete_trash, args=(self.run_dir,),

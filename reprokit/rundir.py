@@ -30,6 +30,7 @@ import torch
 import xxhash
 
 from reprokit import untrusted
+from reprokit.diskerrors import writing
 from reprokit.errors import RunDirError as RunDirError  # one class; ``reprokit.rundir.RunDirError`` stays
 from reprokit.fingerprints import FINGERPRINT_COLUMNS, FINGERPRINTS, GRAD_COLUMNS, GRADS
 from reprokit.runlock import RunLock
@@ -98,7 +99,8 @@ def append_resume(run_dir: str | Path, entry: Mapping[str, Any]) -> None:
     every key it had before keeps its value, so its :func:`manifest_digest` does not change."""
     manifest = read_json(run_dir, MANIFEST)
     manifest[RESUMES] = [*manifest.get(RESUMES, []), dict(entry)]
-    atomic_write_json(Path(run_dir) / MANIFEST, manifest)
+    with writing("manifest", "the manifest's resume log", Path(run_dir) / MANIFEST):
+        atomic_write_json(Path(run_dir) / MANIFEST, manifest)
 
 
 class RunWriter:
@@ -119,8 +121,9 @@ class RunWriter:
                         f"run directory {str(self.path)!r} already holds a run (it has {MANIFEST}); "
                         "pass a new --run-dir, delete the old one, or `reprokit resume` it"
                     )
-                self.path.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(self.path / MANIFEST, manifest)
+                with writing("manifest", "the run directory and its manifest", self.path / MANIFEST):
+                    self.path.mkdir(parents=True, exist_ok=True)
+                    atomic_write_json(self.path / MANIFEST, manifest)
             self._manifest_digest = manifest_digest(manifest)
             self._run_id = str(manifest.get("run_id", ""))
             self._metrics_file, self._metrics = self._csv(METRICS, METRIC_COLUMNS, truncate_to)
@@ -152,7 +155,8 @@ class RunWriter:
 
     def rewrite_manifest(self, manifest: Mapping[str, Any]) -> None:
         """Replace the manifest before the first step (a script run adds its data digests then)."""
-        atomic_write_json(self.path / MANIFEST, manifest)
+        with writing("manifest", "the manifest", self.path / MANIFEST):
+            atomic_write_json(self.path / MANIFEST, manifest)
         self._manifest_digest = manifest_digest(manifest)
 
     def sync(self) -> dict[str, int]:
@@ -166,17 +170,19 @@ class RunWriter:
         return sizes
 
     def step(self, row: Mapping[str, Any], tensor_digests: Mapping[str, str] | None) -> None:
-        if tensor_digests:
-            self._digest_rows(self._digests_file, row["step"], tensor_digests)
-        self._metrics.writerow([row.get(c, "") for c in METRIC_COLUMNS])
-        self._metrics_file.flush()
+        with writing("metrics", f"step {row['step']}'s metrics row and digests", self.path / METRICS):
+            if tensor_digests:
+                self._digest_rows(self._digests_file, row["step"], tensor_digests)
+            self._metrics.writerow([row.get(c, "") for c in METRIC_COLUMNS])
+            self._metrics_file.flush()
 
     def fingerprint(self, row: Mapping[str, Any], grads: Mapping[str, str] | None) -> None:
         """A step's fingerprints (``reprokit.fingerprints``), and its per-tensor gradient digests."""
-        if grads:
-            self._digest_rows(self._grads_file, row["step"], grads)
-        self._fingerprints.writerow([row.get(c, "") for c in FINGERPRINT_COLUMNS])
-        self._fingerprints_file.flush()
+        with writing("metrics", f"step {row['step']}'s fingerprints", self.path / FINGERPRINTS):
+            if grads:
+                self._digest_rows(self._grads_file, row["step"], grads)
+            self._fingerprints.writerow([row.get(c, "") for c in FINGERPRINT_COLUMNS])
+            self._fingerprints_file.flush()
 
     def _digest_rows(self, file: IO[str], step: int, digests: Mapping[str, str]) -> None:
         names, lines = self._digest_names, []
@@ -189,6 +195,11 @@ class RunWriter:
         file.flush()
 
     def finish(self, state: Mapping[str, torch.Tensor], result: Mapping[str, Any]) -> None:
+        with writing("result", "the final model and result.json", self.path / RESULT):
+            self._finish(state, result)
+        self.close()  # the lock last: result.json is written
+
+    def _finish(self, state: Mapping[str, torch.Tensor], result: Mapping[str, Any]) -> None:
         for f in self._files():
             f.close()
         tmp = self.path / f".{MODEL}.tmp"
@@ -201,7 +212,6 @@ class RunWriter:
                   WEIGHTS_ORDER: json.dumps(list(state))}  # the digest's order: verifiable on its own
         atomic_write_bytes(self.path / WEIGHTS, safetensors.torch.save(dict(state), metadata=header))
         atomic_write_json(self.path / RESULT, result)
-        self.close()  # the lock last: result.json is written
 
     def _files(self) -> tuple[IO[str], ...]:
         return tuple(self._open.values())

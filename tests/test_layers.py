@@ -8,7 +8,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "reprokit"
 # the primitives know nothing of TrainConfig, the registries or the bundled data
 LAYERS: dict[int, set[str]] = {
-    0: {"errors", "seeding", "globalrng", "stateview", "fingerprints", "digests", "rundir", "ledger",
+    0: {"errors", "diskerrors", "seeding", "globalrng", "stateview", "fingerprints", "digests", "rundir",
+        "ledger",
         "faults", "trace", "flatsums", "flatkernels", "checkpoint", "checkpointer", "tensorfile",
         "directio", "fsio", "provenance", "checkout", "overrides", "entrypoint", "datadigest",
         "callbacks", "differences", "distributed", "distcheckpoint", "runlock", "untrusted"},
