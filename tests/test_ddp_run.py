@@ -66,9 +66,8 @@ def _files(run_dir: Path) -> dict[Path, bytes]:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted run at 2 ranks."""
     run_dir = tmp_path_factory.mktemp("ddp") / "a"
-    status, output = _launch(run_dir, "--perturb-at", "3")
+    status, output = _launch(run_dir)
     assert status == 0, output
-    assert _result(run_dir)["replica_mismatch"] == [[3, 1]]  # found before the kill, kept by checkpoint 4
     return run_dir
 
 
