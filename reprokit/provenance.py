@@ -210,7 +210,8 @@ def fingerprint(manifest: Mapping[str, Any]) -> str:
 
     Covered: the config without its recording fields (checkpoint and evaluation cadence change no
     bit), the seeding record, the code (commit, diff digest, reprokit's source digest), the data
-    digest, the environment entries in ``_FINGERPRINT_ENVIRONMENT`` and the parent's digest.
+    digest, the environment entries in ``_FINGERPRINT_ENVIRONMENT``, the parent's digest, and under
+    torchrun the world size, reduction and backend.
     Left out: run id, timestamps, branch, untracked-file count and environment variables.
     """
     try:
@@ -225,7 +226,10 @@ def fingerprint(manifest: Mapping[str, Any]) -> str:
             "environment": {k: env.get(k) for k in _FINGERPRINT_ENVIRONMENT},
             "parent": parent["digest"] if parent else None,
         }
-    except (KeyError, TypeError) as e:
+        distributed = manifest.get("distributed")
+        if distributed:  # under torchrun the world size and the reduction decide the bits too
+            recipe["distributed"] = {k: distributed.get(k) for k in ("world_size", "reduction", "backend")}
+    except (KeyError, TypeError, AttributeError) as e:
         raise ProvenanceError(
             f"manifest has no {e} entry, so it has no fingerprint; it predates manifest version "
             f"{MANIFEST_VERSION}: rerun with this reprokit to get a full manifest"
@@ -323,7 +327,8 @@ def script_manifest(
 _RECIPE_KEYS = ("config", "seeding.seed", "seeding.sources", "seeding.deterministic", "seeding.threads",
                 "code.commit", "code.diff_digest", "code.reprokit_source", "entry.script_digest",
                 "entry.module", "entry.argv", "environment.python", "environment.torch",
-                "environment.numpy", "environment.packages_digest")
+                "environment.numpy", "environment.packages_digest", "distributed.world_size",
+                "distributed.reduction", "distributed.backend")
 
 
 def recipe_differences(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

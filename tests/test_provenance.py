@@ -24,6 +24,7 @@ from reprokit.provenance import (
     fingerprint,
     manifest_differences,
     manifest_table,
+    recipe_differences,
 )
 from reprokit.seeding import seed_everything
 
@@ -182,6 +183,20 @@ def test_fingerprint_is_equal_for_one_recipe_and_differs_with_the_seed(outside_g
     recording = _manifest(CONFIG.replace(checkpoint_every=2), repo_dir=outside_git)
     assert recording["fingerprint"] == a["fingerprint"]
 
+
+def test_the_world_size_is_part_of_the_fingerprint_under_torchrun(outside_git: Path) -> None:
+    """A manifest with a 'distributed' entry: another world size or reduction, another fingerprint;
+    one without the entry keeps the fingerprint it had (one process's runs are unchanged)."""
+    a = _manifest(repo_dir=outside_git)
+    assert fingerprint(a) == a["fingerprint"]
+    world = {"backend": "gloo", "world_size": 2, "threads_per_rank": 1, "reduction": "ddp"}
+    two = fingerprint({**a, "distributed": world})
+    assert two != a["fingerprint"]
+    assert fingerprint({**a, "distributed": {**world, "world_size": 4}}) != two
+    assert fingerprint({**a, "distributed": {**world, "reduction": "canonical"}}) != two
+    assert fingerprint({**a, "distributed": {**world, "threads_per_rank": 1}}) == two
+    assert recipe_differences({**a, "distributed": world}, {**a, "distributed": {**world, "world_size": 4}}) \
+        == ["distributed.world_size: 2 -> 4"]
 
 def test_bad_parent_and_incomplete_manifest_are_errors(outside_git: Path) -> None:
     """A parent without a digest, code plus repo_dir, or a manifest missing a section: clear errors."""
