@@ -72,6 +72,7 @@ from reprokit.runworld import (
     open_in_rank_order,
     rank_path,
     replica_mismatches,
+    stop_signal,
 )
 from reprokit.seeding import seed_everything
 from reprokit.trace import Tracer
@@ -237,7 +238,7 @@ class Run(RunStart):
                 if self.at_end:  # the step limit ended the epoch early: it is not over
                     break
                 self.epoch += 1
-                if self._signals.requested is not None and self.epoch < n:
+                if self.epoch < n and self._stop_requested():
                     self._stop_now()
         finally:
             self._in_epochs = False
@@ -277,8 +278,14 @@ class Run(RunStart):
         if self._bar is None:
             self._bar = progress_bar(self._progress, self.steps, step - 1, self.path.name)
         self._bar.update()
-        if self._signals.requested is not None:
+        if self._stop_requested():
             self._stop_now()
+
+    def _stop_requested(self) -> bool:
+        """A SIGTERM/SIGINT arrived; under torchrun, at any rank (the ranks stop after the same step)."""
+        if self.world.world_size > 1:
+            self._signals.requested = stop_signal(self._signals.requested)
+        return self._signals.requested is not None
 
     def _enter_step(self) -> None:
         """What must hold before a step: the run began, a resume restored, the step-0 row written."""

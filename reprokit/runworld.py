@@ -24,7 +24,7 @@ from reprokit.errors import DistributedError
 from reprokit.runresume import RunFinished
 
 __all__ = ["RANKS_DIR", "agree_step", "due_on_rank0", "join_world", "manifest_entry", "open_in_rank_order",
-           "rank_path", "replica_mismatches"]
+           "rank_path", "replica_mismatches", "stop_signal"]
 
 RANKS_DIR = "ranks"  # RUN_DIR/ranks/rank-R: rank R's private run directory (readers skip it)
 PROCESS_GROUP_TIMEOUT_S = 120.0  # a stalled rank fails the job in 2 minutes, not torch's 30
@@ -133,6 +133,14 @@ def due_on_rank0(due: bool) -> bool:
     flag = torch.tensor([int(due)], dtype=torch.int64)
     dist.broadcast(flag, src=0)
     return bool(flag.item())
+
+
+def stop_signal(signum: int | None) -> int | None:
+    """The stop signal any rank received (SIGTERM/SIGINT reach one rank, or all at different
+    moments): every rank stops after the same step, or none does. One 8-byte all-reduce a step."""
+    flag = torch.tensor([signum or 0], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
 
 
 def replica_mismatches(world: World, step: int, digest: str) -> list[int]:

@@ -130,6 +130,20 @@ def test_killed_run_resumes_at_the_same_world_size(reference: Path, tmp_path: Pa
     assert (run_dir / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
 
 
+def test_a_sigterm_at_one_rank_stops_every_rank_after_the_same_step(reference: Path, tmp_path: Path) -> None:
+    """Rank 1 alone gets SIGTERM during step 6: both ranks stop after step 6 with a checkpoint (exit
+    status 75, none left in a collective), and the same command then finishes bit-exact."""
+    run_dir = tmp_path / "t"
+    status, output = _launch(run_dir, "--sigterm-at", "6")
+    assert status != 0 and not (run_dir / "result.json").exists(), output
+    assert output.count("stopped by SIGTERM at step 6 with a checkpoint") == 2, output
+    assert _checkpoints(run_dir) == _checkpoints(_rank1(run_dir)) == ["step-0000004", "step-0000006"]
+    status, output = _launch(run_dir, "--sigterm-at", "6")  # the same command (step 6 is behind it now)
+    assert status == 0, output
+    assert (_result(run_dir)["final_digest"], _result(run_dir)["resumed_from_step"]) == \
+        (_result(reference)["final_digest"], 6)
+    assert (run_dir / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
+
 def test_one_process_records_no_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without torchrun a Run makes no process group and its manifest and result are as before."""
     for name in _DIST_VARS:
