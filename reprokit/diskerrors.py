@@ -100,14 +100,13 @@ def check_room(checkpoints: Path, one_checkpoint: int, keep_last: int | None) ->
     free = free_bytes(checkpoints)
     if free is None or one_checkpoint <= 0:
         return None
-    held = 1  # the checkpoint just written
-    kept = keep_last if keep_last else 0
-    need = (max(kept, 1) + 1 - held) * one_checkpoint  # the rest of the kept ones + one being written
+    kept = max(keep_last or 0, 1)  # keep_last 0/None keeps all: at least one more must fit
+    need = kept * one_checkpoint  # the kept ones but the one just written, plus the one being written
     if need <= free:
         return None
-    fits = held + free // one_checkpoint
+    fits = 1 + free // one_checkpoint
     message = (f"reprokit: keep_last={keep_last or 'all'}: each checkpoint takes {human(one_checkpoint)}; "
-               f"{max(kept, 1)} kept plus the one being written need {human(need)} beyond the one written, "
+               f"{kept} kept plus the one being written need {human(need)} beyond the one written, "
                f"but {human(free)} is free on {str(checkpoints)!r} (room for {fits} in all): the run will "
                "stop with a full disk; lower keep_last, checkpoint less often, or free space")
     print(message, file=sys.stderr, flush=True)

@@ -139,8 +139,7 @@ class Ledger:
 
         def insert(conn: sqlite3.Connection) -> None:
             with _transaction(conn):
-                conn.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                             tuple(row.values()))
+                _insert(conn, row)
 
         try:
             self._retry(insert)
@@ -216,6 +215,11 @@ def _row(manifest: Mapping[str, Any], run_dir: str | Path, *, started: str, stat
     }
 
 
+def _insert(conn: sqlite3.Connection, row: Mapping[str, Any]) -> None:
+    columns, marks = ", ".join(row), ", ".join("?" * len(row))
+    conn.execute(f"INSERT INTO runs ({columns}) VALUES ({marks})", tuple(row.values()))
+
+
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -281,8 +285,7 @@ def rebuild(root: str | Path, path: str | Path | None = None) -> int:
     def insert(conn: sqlite3.Connection) -> None:
         with _transaction(conn):
             for row in rows.values():
-                conn.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                             tuple(row.values()))
+                _insert(conn, row)
 
     ledger._retry(insert)
     return len(rows)
