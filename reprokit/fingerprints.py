@@ -40,10 +40,19 @@ GRAD_COLUMNS = ("step", "tensor", "digest")
 NO_GRAD = "none"  # grads.csv: the parameter had no gradient at the update
 
 
+_TENSOR_HEADS: dict[tuple[torch.dtype, torch.Size], bytes] = {}  # a batch's tensors come in a few shapes
+
+
 def _feed(h: Any, value: Any) -> None:
     """``value``'s content into the hasher, in order, with its types and shapes."""
     if isinstance(value, torch.Tensor):
-        h.update(f"T{value.dtype}{tuple(value.shape)}".encode())
+        key = (value.dtype, value.shape)
+        head = _TENSOR_HEADS.get(key)
+        if head is None:
+            head = f"T{value.dtype}{tuple(value.shape)}".encode()
+            if len(_TENSOR_HEADS) < 1 << 12:
+                _TENSOR_HEADS[key] = head
+        h.update(head)
         update_with_tensor(h, value)
     elif isinstance(value, np.ndarray):
         h.update(f"A{value.dtype}{value.shape}".encode())

@@ -198,6 +198,7 @@ def _train(config: TrainConfig, data: DatasetBundle, total: int, path: Path, *,
         loader = run.loader(TensorDataset(data.x_train, data.y_train), batch_size=config.batch_size,
                             shuffle=True, num_workers=config.num_workers, digest=False, **workers)
         _loop(run, session, loader)
+        run.flush()  # metrics.csv is read back before finish
         rows = _rows(path)
         last = rows[-1]
         summary = run.finish(result={"final_val_loss": last["val_loss"]},
