@@ -211,7 +211,8 @@ def fingerprint(manifest: Mapping[str, Any]) -> str:
     Covered: the config without its recording fields (checkpoint and evaluation cadence change no
     bit), the seeding record, the code (commit, diff digest, reprokit's source digest), the data
     digest, the environment entries in ``_FINGERPRINT_ENVIRONMENT``, the parent's digest, and under
-    torchrun the world size, reduction and backend.
+    torchrun the world size, reduction and backend (in canonical mode the reduction and the
+    micro-batch count, at any world size).
     Left out: run id, timestamps, branch, untracked-file count and environment variables.
     """
     try:
@@ -228,7 +229,10 @@ def fingerprint(manifest: Mapping[str, Any]) -> str:
         }
         distributed = manifest.get("distributed")
         if distributed:  # under torchrun the world size and the reduction decide the bits too
-            recipe["distributed"] = {k: distributed.get(k) for k in ("world_size", "reduction", "backend")}
+            # canonical mode: the micro-batch count does, the world size does not
+            keys = (("reduction", "micro_batches") if distributed.get("reduction") == "canonical"
+                    else ("world_size", "reduction", "backend"))
+            recipe["distributed"] = {k: distributed.get(k) for k in keys}
     except (KeyError, TypeError, AttributeError) as e:
         raise ProvenanceError(
             f"manifest has no {e} entry, so it has no fingerprint; it predates manifest version "
@@ -328,7 +332,7 @@ _RECIPE_KEYS = ("config", "seeding.seed", "seeding.sources", "seeding.determinis
                 "code.commit", "code.diff_digest", "code.reprokit_source", "entry.script_digest",
                 "entry.module", "entry.argv", "environment.python", "environment.torch",
                 "environment.numpy", "environment.packages_digest", "distributed.world_size",
-                "distributed.reduction", "distributed.backend")
+                "distributed.reduction", "distributed.backend", "distributed.micro_batches")
 
 
 def recipe_differences(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -337,9 +341,12 @@ def recipe_differences(stored: Mapping[str, Any], new: Mapping[str, Any]) -> lis
     ``entry.argv[0]`` (how the script was named on the command line) does not count.
     """
     flat_a, flat_b = _flatten(stored), _flatten(new)
+    # in canonical mode the world size decides no bit (as in fingerprint())
+    canonical = flat_a.get("distributed.reduction") == flat_b.get("distributed.reduction") == "canonical"
+    free = {"entry.argv.0", *(("distributed.world_size", "distributed.backend") if canonical else ())}
     out = []
     for key in sorted(flat_a.keys() | flat_b.keys()):
-        if key == "entry.argv.0" or not any(key == k or key.startswith(f"{k}.") for k in _RECIPE_KEYS):
+        if key in free or not any(key == k or key.startswith(f"{k}.") for k in _RECIPE_KEYS):
             continue
         if flat_a.get(key) != flat_b.get(key):
             out.append(f"{key}: {flat_a.get(key)!r} -> {flat_b.get(key)!r}")

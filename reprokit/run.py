@@ -52,6 +52,7 @@ from reprokit.faults import NO_FAULTS, Faults, kill_self
 from reprokit.overrides import Overrides, read_overrides
 from reprokit.runloader import RunLoader, loader_arguments, with_workers
 from reprokit.runrecorder import StepRecorder, csv_row, loss_value, number, put_metrics
+from reprokit.runreduce import CanonicalReduction, check_reduction
 from reprokit.runresume import (
     Opened,
     Resumed,
@@ -116,7 +117,8 @@ class Run(RunStart):
         async_save: bool = False, data: Any = None, force: bool = False, progress: bool | None = None,
         steps: int | None = None, callbacks: Sequence[Callback] = (), faults: Faults = NO_FAULTS,
         kind: str = "script", resume: str = "auto", ignore: Collection[str] = (), ledger: bool = True,
-        overrides: bool = True, grad_digest_every: int | None = None,
+        overrides: bool = True, grad_digest_every: int | None = None, reduction: str = "ddp",
+        micro_batches: int | None = None,
     ) -> None:
         started = time.perf_counter()
         env = read_overrides() if overrides else Overrides(progress=read_overrides().progress)
@@ -127,6 +129,8 @@ class Run(RunStart):
             progress=progress, force=force)
         # under torchrun (WORLD_SIZE > 1) rank 0 records in run_dir, rank r in run_dir/ranks/rank-r
         self.world = join_world()
+        check_reduction(reduction, micro_batches, self.world.world_size)
+        self.reduction, self.micro_batch_count = reduction, micro_batches
         ledger = ledger and self.world.is_main
         self.path, self.sources, self.config = rank_path(cfg.path, self.world), cfg.sources, config
         self.seed = self.sources.init
@@ -135,7 +139,11 @@ class Run(RunStart):
         if self.sources.per_source:
             self.seeds = dataclasses.replace(self.seeds, sources=self.sources.to_dict())
         self._rank_seed = rank_seed(self.sources.dropout, self.world.rank) if self.world.rank else None
-        self._distributed = manifest_entry(self.world, cfg.threads, self._rank_seed)
+        self._canonical = (CanonicalReduction(self.world, micro_batches, self.sources.dropout)
+                           if micro_batches is not None else None)
+        self._distributed = manifest_entry(self.world, cfg.threads, self._rank_seed, reduction,
+                                           self._canonical.manifest() if self._canonical else None)
+        self._borrowed: int | None = None  # set by a rank new to a resumed run (RunStart._borrow)
         self._replica_mismatch: list[list[int]] = []  # [step, rank] whose parameters differ from rank 0's
         opened = self._open(config, cfg.recorded(), env, force=cfg.force, kind=kind, resume=resume,
                             ignore=frozenset(ignore), ledger=ledger)
@@ -259,8 +267,11 @@ class Run(RunStart):
     def _step(self, loss: Any, metrics: Mapping[str, Any]) -> None:
         self._enter_step()
         self.global_step += 1
+        if self._canonical is not None:
+            self._canonical.stepped()
         step = self.global_step
-        if step == self._crash_at_step:
+        if step == self._crash_at_step:  # the rows so far reach the OS first, as they would within a second
+            self._files.flush()
             kill_self()
         row: dict[str, Any] = {"step": step, "epoch": self.epoch, "kind": "step", "lr": self._tracked.lr(),
                                "loss": loss_value(loss)}
@@ -311,6 +322,12 @@ class Run(RunStart):
         put_metrics(row, metrics)
         self._last_logged = {k: number(k, v) for k, v in metrics.items()}
         self._files.step(csv_row(row), None)
+
+    def flush(self) -> None:
+        """Write the rows waiting in memory (they reach the files within a second by themselves,
+        and at every checkpoint): for a reader of the run directory while the run is open."""
+        if self._writer is not None:
+            self._writer.flush()
 
     def finish(self, *, result: Mapping[str, Any] | None = None, **metrics: Any) -> RunSummary:
         """Write the final model (model.pt, model.safetensors), result.json (with ``result``'s
@@ -388,8 +405,22 @@ class Run(RunStart):
             return due_on_rank0(due)  # the ranks' clocks differ; their checkpoint steps must not
         return due
 
+    def micro_batches(self, *tensors: Any) -> Iterator[Any]:
+        """reduction='canonical': this rank's micro-batches of a ``run.loader`` batch (one tensor, or a
+        tuple for several); run forward and backward on each, then ``optimizer.step()`` once."""
+        canonical: CanonicalReduction | None = self._canonical
+        if canonical is None:
+            raise ReprokitError("run.micro_batches() belongs to reduction='canonical'; pass "
+                                "Run(..., reduction='canonical', micro_batches=M), or run one forward and "
+                                "backward per batch")
+        self._begin()
+        params = [p for p in self._tracked.view().parameters().values() if p.requires_grad]
+        return canonical.split(self.global_step + 1, params, tensors)
+
     def _before_update(self, *_: Any) -> None:
         self._checkpointer.before_update()  # an async save may still be copying the weights
+        if self._canonical is not None:  # the micro-batch gradients, reduced, become .grad
+            self._canonical.reduce()
         self._recorder.before_update()
 
     def _stop_now(self) -> None:

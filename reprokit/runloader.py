@@ -180,12 +180,13 @@ class _PassSampler(Sampler[list[tuple[int, int]]]):
         self.size, self.batch_size, self.shuffle, self.drop_last = size, batch_size, shuffle, drop_last
         self.pass_seed, self.aug_seed, self.start = 0, 0, 0  # the order's and the samples' seeds
         self.rank, self.world_size = 0, 1
+        self.whole_only = False  # an incomplete last batch is dropped (N > 1 ranks, or micro-batches)
         self.order: list[int] = []
 
     def batches(self) -> int:
         full, rest = divmod(self.size, self.batch_size)
-        # N > 1 ranks cannot split an incomplete global batch into equal shards: it is dropped
-        return full + (1 if rest and not self.drop_last and self.world_size == 1 else 0)
+        # N > 1 ranks (or M micro-batches) cannot split an incomplete global batch evenly: it is dropped
+        return full + (1 if rest and not self.drop_last and not self.whole_only else 0)
 
     def __len__(self) -> int:
         return self.batches() - self.start
@@ -245,14 +246,17 @@ class RunLoader:
     def _shard(self) -> None:
         """Take this rank's share of each global batch under the process group now in force."""
         rank, world_size = _world()
-        if world_size > 1:
+        micro = getattr(self._owner, "micro_batch_count", None)  # reduction='canonical'
+        if world_size > 1 or micro is not None:
             try:
-                check_divisible(self.batch_size, world_size)
+                check_divisible(self.batch_size, world_size, micro)
             except DistributedError as e:
                 raise DistributedError(f"run.loader: batch_size is the global batch, split over the "
-                                       f"ranks: {e}") from None
+                                       f"ranks{' and micro-batches' if micro else ''}: {e}") from None
         self._sampler.rank, self._sampler.world_size = rank, world_size
-        self._seeded.python_each = world_size > 1
+        self._sampler.whole_only = world_size > 1 or micro is not None
+        # canonical mode: the same per-sample seeding at every world size, one process included
+        self._seeded.python_each = world_size > 1 or micro is not None
 
     def __getattr__(self, name: str) -> Any:
         # anything else a script reads off its DataLoader (num_workers, collate_fn, pin_memory, ...)

@@ -221,7 +221,7 @@ def _open(path: Path, lock: RunLock | None, config: dict[str, Any], seeds: SeedR
     if stored.get("kind", "builtin") != kind:
         raise ResumeRefused(f"{str(path)!r} holds a run of {stored.get('kind', 'builtin')!r} kind, not of "
                             f"{kind!r}; continue it the way it was started, or pass a new run directory")
-    _check_world_size(path, stored, (distributed or {}).get("world_size", 1))
+    _check_world_size(path, stored, distributed or {})
     diffs = recipe_differences(stored, new) if kind == "script" else builtin_differences(stored, new, ignore)
     if diffs and not force and kind == "builtin":
         raise ResumeRefused(
@@ -242,14 +242,18 @@ def _open(path: Path, lock: RunLock | None, config: dict[str, Any], seeds: SeedR
                   skipped=skipped)
 
 
-def _check_world_size(path: Path, stored: Mapping[str, Any], world_size: int) -> None:
-    """A relaunch at another world size is refused: a checkpoint holds one rank's state per rank."""
-    then = _nested(path, stored, "distributed").get("world_size", 1)
-    if then != world_size:
+def _check_world_size(path: Path, stored: Mapping[str, Any], distributed: Mapping[str, Any]) -> None:
+    """A relaunch at another world size continues a run in reduction mode "canonical" (its bits do
+    not depend on the world size; ranks new to the run take rank 0's state) and is refused in
+    mode "ddp", whose bits do."""
+    before = _nested(path, stored, "distributed")
+    then, now = before.get("world_size", 1), distributed.get("world_size", 1)
+    if then != now and not before.get("reduction") == distributed.get("reduction") == "canonical":
         raise ResumeRefused(
-            f"{str(path)!r} was run at world size {then}, this launch has world size {world_size}: resuming "
-            "at another world size needs the DCP checkpoint path (not built yet); relaunch it with "
-            f"torchrun --nproc-per-node {then}")
+            f"{str(path)!r} was run at world size {then}, this launch has world size {now}: in reduction "
+            "mode 'ddp' the bits depend on the world size, so it resumes at that one only; relaunch it with "
+            f"torchrun --nproc-per-node {then} (a run in reduction='canonical' resumes at any valid world "
+            "size)")
 
 
 def fitting(path: Path, chosen: _Chosen | None, architecture: Mapping[str, Any], *, config: Mapping[str, Any],
@@ -269,7 +273,7 @@ def fitting(path: Path, chosen: _Chosen | None, architecture: Mapping[str, Any],
 
 
 def settle(path: Path, resumed: Resumed | None, architecture: Mapping[str, Any], *, ignore: frozenset[str],
-           differences: list[str], skipped: list[tuple[str, str]], threads: int
+           differences: list[str], skipped: list[tuple[str, str]], threads: int, world_size: int = 1
            ) -> tuple[Resumed | None, RunWriter]:
     """The checkpoint a relaunch continues from, now that the model is known: the newest that
     verifies and fits its architecture (or none: start over). Opens the writer there and logs the
@@ -286,6 +290,7 @@ def settle(path: Path, resumed: Resumed | None, architecture: Mapping[str, Any],
         "at": _now(), "checkpoint": resumed.checkpoint if resumed else None,
         "from_step": resumed.meta.step if resumed else 0, "skipped": [list(s) for s in skipped],
         "forced": bool(differences), "differences": differences, "threads": threads,
+        **({"world_size": world_size} if world_size > 1 or "distributed" in stored else {}),
     })
     for name, why in skipped:
         print(f"reprokit: skipped {name}: {why}", file=sys.stderr, flush=True)

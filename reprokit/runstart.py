@@ -18,7 +18,7 @@ import torch
 from reprokit.callbacks import Callback, TrainState
 from reprokit.checkpoint import CheckpointMeta, architecture
 from reprokit.distributed import World
-from reprokit.errors import ReprokitError
+from reprokit.errors import DistributedError, ReprokitError
 from reprokit.faults import flip_bit
 from reprokit.ledger import LedgerEntry
 from reprokit.rundir import MANIFEST, RunWriter, read_json
@@ -35,7 +35,7 @@ from reprokit.runresume import (
 )
 from reprokit.runsnapshot import REPLICA_KEY, restore_snapshot
 from reprokit.runtracked import Tracked
-from reprokit.runworld import agree_step
+from reprokit.runworld import agree_step, agreed_step
 from reprokit.seeding import SeedRecord, Seeds, derive_seed
 
 __all__ = ["RunStart"]
@@ -78,6 +78,8 @@ class RunStart:
     _pending: bool
     _in_epochs: bool
     _init_pending: bool
+    _borrowed: int | None  # a rank new to the run: the torch seed it continues rank 0's state with
+    _canonical: Any  # reprokit.runreduce.CanonicalReduction in reduction="canonical", else None
 
     @property
     def _files(self) -> RunWriter:
@@ -112,11 +114,15 @@ class RunStart:
         if self.resuming:
             self._resumed, self._writer = settle(
                 self.path, self._resumed, layout, ignore=self._ignore,
-                differences=self._differences, skipped=self._skipped, threads=self.seeds.threads)
+                differences=self._differences, skipped=self._skipped, threads=self.seeds.threads,
+                world_size=self.world.world_size)
         if self._resumed is None:  # a new run, or a relaunch with no checkpoint that fits: step 0
             self._begin_at_zero(sources)
             return
         self._resumed.check_names(list(self._tracked.objects))
+        if self._borrowed is not None:  # a rank new to the run: its new manifest is completed now
+            self._manifest = record_begin(self._files, self._manifest, sources, self._tracked_types(),
+                                          self._described)
         self.global_step, self.epoch = self._resumed.meta.step, self._resumed.meta.epoch
         self.resumed_from = self.global_step
         self._replica_mismatch = _pairs(self._resumed.state[POSITION_KEY].get(REPLICA_KEY))
@@ -136,8 +142,7 @@ class RunStart:
         if self._flip is not None:  # the one-bit perturbation, before θ_0 is digested
             self._manifest["perturbation"] = flip_bit(self._module_state(), self._flip)
         if not self.resuming or self._manifest["data"].get("digest") is None:
-            self._manifest = record_begin(self._writer, self._manifest, sources,
-                                          {n: type(o).__name__ for n, o in self._tracked.objects.items()},
+            self._manifest = record_begin(self._writer, self._manifest, sources, self._tracked_types(),
                                           self._described)
         if not self.resuming and self._record_ledger:
             self._ledger = LedgerEntry.open(self.path, self._manifest)
@@ -148,6 +153,8 @@ class RunStart:
             torch.manual_seed(derive_seed(self.sources.dropout, "dropout"))
         if self._rank_seed is not None:  # rank r > 0 under torchrun: its own dropout masks
             torch.manual_seed(self._rank_seed)
+        if self._canonical is not None:  # the replicas start equal, or nothing keeps them so
+            self._canonical.check_replicas(self._module_state())
         self._recorder.take_init(self._module_state())
         self._expect_step()
         for cb in self._callbacks:
@@ -157,6 +164,8 @@ class RunStart:
         """The checkpoint this rank continues from at the step every rank holds (see
         :func:`reprokit.runworld.agree_step`); None: all ranks start over."""
         resumed = self._resumed
+        if not self.resuming:  # this rank's directory is new: the world grew since the run started
+            return self._borrow(agreed_step(self.world), layout)
         if resumed is None:
             agree_step(self.world, None, _step_of, lambda chosen, step: None)
             return None
@@ -173,6 +182,29 @@ class RunStart:
 
         agreed = agree_step(self.world, first, _step_of, older)
         return Resumed(*agreed, self._skipped, resumed.stored, resumed.force) if agreed else None
+
+    def _tracked_types(self) -> dict[str, str]:
+        return {n: type(o).__name__ for n, o in self._tracked.objects.items()}
+
+    def _borrow(self, step: int, layout: Mapping[str, Any]) -> Resumed | None:
+        """A rank new to the run continues from rank 0's checkpoint of the agreed step: every rank's
+        model, optimizer and position are one state (replicas); its torch stream is derived anew
+        from (seed, rank, step) and recorded (its own was never saved)."""
+        if step == 0:
+            return None
+        root = self.path.parents[1]  # RUN_DIR/ranks/rank-R -> RUN_DIR
+        found, skipped = newest_valid(root, below=step + 1, config=self._manifest["config"],
+                                      ignore=self._ignore)
+        chosen = fitting(root, found, layout, config=self._manifest["config"], ignore=self._ignore,
+                         skipped=skipped)
+        if chosen is None or chosen[0].step != step:
+            raise DistributedError(f"rank {self.world.rank} is new to {str(root)!r} and continues from rank "
+                                   f"0's checkpoint of step {step}, which does not verify here ({skipped}); "
+                                   "relaunch at the world size the run had, or start a new run directory")
+        self._borrowed = derive_seed(self.sources.dropout, "rank", self.world.rank, "resumed", step)
+        self._manifest["borrowed"] = {"checkpoint": str(root / "checkpoints" / chosen[2]), "step": step,
+                                      "torch_seed": self._borrowed}
+        return Resumed(*chosen, skipped, self._manifest, self._force)
 
     def _write_init(self, metrics: Mapping[str, Any]) -> None:
         self._init_pending = False
@@ -200,6 +232,8 @@ class RunStart:
                 "run.epochs(n):`")
         restore_snapshot(self._resumed.state, self._resumed.meta, self._tracked, self._callbacks, self._state,
                          step=self.global_step, path=self.path)
+        if self._borrowed is not None:  # rank 0's stream came with its state: this rank's own instead
+            torch.manual_seed(self._borrowed)
         self._pending = False
         self._recorder.restored(loaders=bool(self._loaders))
 

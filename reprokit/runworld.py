@@ -23,12 +23,11 @@ from reprokit.distributed import World, all_equal_to_rank0, init_process_group, 
 from reprokit.errors import DistributedError
 from reprokit.runresume import RunFinished
 
-__all__ = ["RANKS_DIR", "agree_step", "due_on_rank0", "join_world", "manifest_entry", "open_in_rank_order",
-           "rank_path", "replica_mismatches", "stop_signal"]
+__all__ = ["RANKS_DIR", "agree_step", "agreed_step", "due_on_rank0", "join_world", "manifest_entry",
+           "open_in_rank_order", "rank_path", "replica_mismatches", "stop_signal"]
 
 RANKS_DIR = "ranks"  # RUN_DIR/ranks/rank-R: rank R's private run directory (readers skip it)
 PROCESS_GROUP_TIMEOUT_S = 120.0  # a stalled rank fails the job in 2 minutes, not torch's 30
-REDUCTION = "ddp"  # the only reduction mode so far: DDP's all-reduce
 
 T = TypeVar("T")
 
@@ -48,15 +47,20 @@ def rank_path(path: Path, world: World) -> Path:
     return path if world.rank == 0 else path / RANKS_DIR / f"rank-{world.rank}"
 
 
-def manifest_entry(world: World, threads: int | None, dropout_seed: int | None) -> dict[str, Any] | None:
-    """The manifest's ``distributed`` entry; None for one process (the manifest is then as before)."""
-    if world.world_size == 1:
+def manifest_entry(world: World, threads: int | None, dropout_seed: int | None, reduction: str = "ddp",
+                   canonical: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The manifest's ``distributed`` entry; None for one process in ddp mode (the manifest is then
+    as before). Canonical mode is recorded at every world size, one process included: it decides
+    the bits (``canonical``: the micro-batch count and the block this rank owns)."""
+    if world.world_size == 1 and canonical is None:
         return None
     entry: dict[str, Any] = {
         "backend": world.backend, "world_size": world.world_size, "rank": world.rank,
-        "threads_per_rank": threads, "reduction": REDUCTION, "rank_dirs": f"{RANKS_DIR}/rank-R",
+        "threads_per_rank": threads, "reduction": reduction, "rank_dirs": f"{RANKS_DIR}/rank-R",
         # rank r > 0 re-seeds torch before step 0 so the ranks draw different dropout masks
+        # (in canonical mode dropout draws from each micro-batch's own stream instead)
         "dropout_reseeded": dropout_seed,
+        **(canonical or {}),
     }
     if world.backend == "nccl":
         entry["nccl_env"] = nccl_env()
@@ -115,16 +119,35 @@ def agree_step(world: World, chosen: T | None, step_of: Callable[[T], int],
                older: Callable[[T, int], T | None]) -> T | None:
     """The checkpoint every rank continues from: each rank's newest valid one, then, while the ranks
     disagree, a rank newer than the oldest falls back to its newest at or below that step (``older``)
-    until all hold the same step (0, start over, when some rank has none)."""
+    until all hold the same step (0, start over, when some rank has none). A rank new to the run
+    directory takes part through :func:`agreed_step` instead."""
     while True:
         mine = step_of(chosen) if chosen is not None else 0
-        bounds = torch.tensor([mine, -mine], dtype=torch.int64)
-        dist.all_reduce(bounds, op=dist.ReduceOp.MIN)
-        low, high = int(bounds[0]), -int(bounds[1])
+        low, high = _bounds(mine, -mine)
         if low == high:
             return chosen if low else None
         if chosen is not None and mine > low:
             chosen = older(chosen, low)
+
+
+def agreed_step(world: World) -> int:
+    """For a rank whose directory is new (the world grew since the run started): the step the
+    other ranks agree on in :func:`agree_step`, without a vote; 0 when no rank holds a run."""
+    while True:
+        low, high = _bounds(_NO_VOTE, 0)
+        if low == _NO_VOTE:
+            return 0
+        if low == high:
+            return low
+
+
+_NO_VOTE = 2**62  # above any step: a rank without a vote does not pull the minimum down
+
+
+def _bounds(low: int, minus_high: int) -> tuple[int, int]:
+    bounds = torch.tensor([low, minus_high], dtype=torch.int64)
+    dist.all_reduce(bounds, op=dist.ReduceOp.MIN)
+    return int(bounds[0]), -int(bounds[1])
 
 
 def due_on_rank0(due: bool) -> bool:

@@ -93,7 +93,7 @@ def test_shards_in_rank_order_are_the_one_process_batches() -> None:
     under N > 1 the incomplete last global batch is dropped even without drop_last."""
     def batches(rank: int, n: int) -> list[list[int]]:
         sampler = _PassSampler(20, 4 * 2, shuffle=True, drop_last=False)
-        sampler.pass_seed, sampler.rank, sampler.world_size = 5, rank, n
+        sampler.pass_seed, sampler.rank, sampler.world_size, sampler.whole_only = 5, rank, n, n > 1
         return [[i for _, i in keys] for keys in sampler]
     whole = batches(0, 1)
     assert [len(b) for b in whole] == [8, 8, 4]
@@ -109,6 +109,7 @@ def test_a_position_continues_at_the_same_global_batch_at_any_world_size() -> No
     def batches(rank: int, n: int, start: int) -> list[list[int]]:
         sampler = _PassSampler(40, 8, shuffle=True, drop_last=True)
         sampler.pass_seed, sampler.rank, sampler.world_size, sampler.start = 7, rank, n, start
+        sampler.whole_only = n > 1
         return [[i for _, i in keys] for keys in sampler]
     whole = batches(0, 1, 0)
     for n in (2, 4):
