@@ -74,10 +74,9 @@ from reprokit.checkpoint import (
     CheckpointMeta,
     Snapshot,
     drop_spare,
-    list_checkpoints,
-    read_checkpoint,
 )
 from reprokit.checkpointer import Checkpointer, update_only
+from reprokit.checkpointreader import list_checkpoints, read_checkpoint
 from reprokit.config import TrainConfig
 from reprokit.digests import source_digest
 from reprokit.resumer import resume

@@ -36,8 +36,8 @@ _EXPORTS: dict[str, str] = {
     "Ledger": "ledger",
     "runs": "ledger",
     "CheckpointError": "checkpoint",
-    "read_checkpoint": "checkpoint",
-    "verify_run": "checkpoint",
+    "read_checkpoint": "checkpointreader",
+    "verify_run": "checkpointreader",
     "Tracer": "trace",
     "importance": "trace",
     "read_importance": "trace",
@@ -92,8 +92,8 @@ if TYPE_CHECKING:
     from reprokit.callbacks import TrainState as TrainState
     from reprokit.causes import Cause as Cause
     from reprokit.checkpoint import CheckpointError as CheckpointError
-    from reprokit.checkpoint import read_checkpoint as read_checkpoint
-    from reprokit.checkpoint import verify_run as verify_run
+    from reprokit.checkpointreader import read_checkpoint as read_checkpoint
+    from reprokit.checkpointreader import verify_run as verify_run
     from reprokit.compare import Comparison as Comparison
     from reprokit.compare import compare_runs as compare_runs
     from reprokit.config import TrainConfig as TrainConfig

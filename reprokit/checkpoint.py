@@ -16,10 +16,8 @@ early writeback, :mod:`reprokit.fsio`); while the tensors file is read back, wri
 fsync every file and the directory in a thread and check the small files; then rename the directory
 into place, rename the pointer over ``latest``, fsync the parent. Older checkpoints are pruned only
 after that. A kill at any moment leaves either no ``step-...`` directory or a complete one, so
-readers never trust ``latest`` alone: they scan the directories and take the newest that verifies.
-Loading never unpickles arbitrary objects: ``state.pt`` goes through ``torch.load(weights_only=True)``,
-the tensors through safetensors, and everything else is JSON. Checkpoints of format 1 (every
-tensor inside ``state.pt``, no tensors file) still load.
+readers never trust ``latest`` alone: they scan the directories and take the newest that verifies
+(reading and verifying: :mod:`reprokit.checkpointreader`).
 """
 
 from __future__ import annotations
@@ -28,20 +26,16 @@ import contextlib
 import io
 import json
 import os
-import pickle
-import re
 import shutil
 import threading
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
-import pandas as pd
 import torch
 
 from reprokit import tensorfile, untrusted
-from reprokit.differences import config_differences
 from reprokit.digests import model_digest
 from reprokit.directio import ReadBackError
 from reprokit.errors import ReprokitError, RunDirError
@@ -60,9 +54,7 @@ TRASH_PREFIX = f"{TMP_PREFIX}trash-"
 # a pruned checkpoint's tensors file, kept for the next save to overwrite in place (see write_checkpoint)
 SPARE = f"{TMP_PREFIX}spare-{TENSORS_FILE}"
 FORMAT_VERSION = 2  # 1: every tensor inside state.pt
-_NAME = re.compile(rf"{PREFIX}[0-9]{{1,19}}")  # what ``latest`` may name: a checkpoint directory of this run
-_MAX_POINTER = 64  # bytes of a ``latest`` file ("step-0000060\n" is 13)
-_SMALL_JSON = 16 << 20  # contents.json and meta.json: a few KB, a large config's meta ~100 KB
+SMALL_JSON = 16 << 20  # contents.json and meta.json: a few KB, a large config's meta ~100 KB
 # keys of state.pt, named once so writer and reader cannot disagree
 MODEL_KEY, OPTIMIZER_KEY, SCHEDULER_KEY, RNG_KEY, CALLBACKS_KEY = (
     "model", "optimizer", "scheduler", "rng", "callbacks",
@@ -159,7 +151,7 @@ def write_checkpoint(run_dir: str | Path, snap: Snapshot, *, crash_midway: bool 
             files = [tmp / n for n in (TENSORS_FILE, STATE_FILE, META_FILE, CONTENTS_FILE)] + [pointer]
             with _Durable(files, tmp):
                 # check the small files (and a buffered tensors file) as the disk will hand them out
-                _verified_files(tmp, read_back={TENSORS_FILE} if writer.verified else set())
+                verify_contents(tmp, read_back={TENSORS_FILE} if writer.verified else set())
                 writer.close()  # a direct writer: what the disk returns is what was written
         except ReadBackError as e:
             raise CheckpointError(str(e)) from e
@@ -235,105 +227,17 @@ class _Durable:
             raise self._error
 
 
-def read_checkpoint(path: str | Path) -> tuple[CheckpointMeta, dict[str, Any]]:
-    """Verify a checkpoint directory and load it; any damage raises :class:`CheckpointError`.
-
-    Checks that every file listed in ``contents.json`` is present with its recorded size and
-    digest, then loads ``state.pt`` with ``weights_only=True`` (a pickle that would run code is
-    refused before anything runs). A checkpoint may come from someone else: every field is checked
-    (types, ranges, file names inside the checkpoint, safetensors header against the file size).
-    """
-    path = Path(path)
-    if path.is_symlink():
-        raise CheckpointError(f"{path}: a symbolic link, not a checkpoint directory (it may lead out of the "
-                              "run directory); remove it")
-    listed = _verified_files(path)
-    meta = _read_meta(path)
-    try:
-        state: Any = torch.load(path / STATE_FILE, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path / STATE_FILE}: refused to load: it holds objects other than tensors and plain "
-            f"values, which could run code when unpickled; do not load it with weights_only=False "
-            f"unless you made it yourself ({str(e).splitlines()[0]})"
-        ) from e
-    except Exception as e:  # RuntimeError, EOFError, ValueError...: what torch.load raises varies
-        raise CheckpointError(f"{path / STATE_FILE}: cannot be read as a torch file ({_one_line(e)})") from e
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path / STATE_FILE}: holds {type(state).__name__}, not a dict; "
-                              "not a reprokit checkpoint")
-    if TENSORS_FILE in listed:
-        try:
-            state = tensorfile.join(state, tensorfile.read(path / TENSORS_FILE))
-        except Exception as e:  # a forged file: its digest matched, its content is not ours
-            raise CheckpointError(f"{path / TENSORS_FILE}: its tensors do not fit state.pt ({_one_line(e)})"
-                                  ) from e
-    missing = {MODEL_KEY, RNG_KEY} - set(state)  # a script run's optimizers are among its tracked objects
-    if missing:
-        raise CheckpointError(f"{path / STATE_FILE}: lacks {sorted(missing)}; not a reprokit checkpoint")
-    return meta, state
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:600]}" if text else type(e).__name__
-
-
-def _read_meta(path: Path) -> CheckpointMeta:
-    """meta.json with every field of the type and range a checkpoint of ``path``'s step has."""
-    where = path / META_FILE
-    try:
-        raw = untrusted.read_json(where, max_bytes=_SMALL_JSON)
-        if not isinstance(raw, dict):
-            raise RunDirError(f"{where}: holds {type(raw).__name__}, not a JSON object")
-        unknown = sorted(set(raw) - {f.name for f in fields(CheckpointMeta)})
-        if unknown:
-            raise RunDirError(f"{where}: unknown fields {unknown[:5]}; not a reprokit checkpoint meta file")
-        checked: dict[str, Any] = {key: untrusted.expect(raw, key, int, path=where, lo=0)
-                                   for key in ("step", "epoch", "batch")}
-        for key in ("data_digest", "code_version", "manifest_digest"):
-            checked[key] = untrusted.expect(raw, key, str, path=where, max_len=256)
-        for key in ("created", "model_digest"):
-            if key in raw:
-                checked[key] = untrusted.expect(raw, key, str, path=where, max_len=256)
-        checked["config"] = untrusted.expect(raw, "config", dict, path=where)
-        files = untrusted.expect(raw, "run_files", dict, path=where, max_len=64)
-        checked["run_files"] = {name: untrusted.expect(files, name, int, path=f"{where} run_files", lo=0)
-                                for name in files}
-        layout = untrusted.expect(raw, "architecture", dict, path=where, max_len=1 << 20) \
-            if "architecture" in raw else {}
-        checked["architecture"] = {name: _layout_entry(f"{where} architecture", layout, name)
-                                   for name in layout}
-        if "format_version" in raw:
-            checked["format_version"] = untrusted.expect(raw, "format_version", int, path=where, lo=1,
-                                                         hi=FORMAT_VERSION + 1)
-    except RunDirError as e:
-        raise CheckpointError(str(e)) from e
-    meta = CheckpointMeta(**checked)
-    if _NAME.fullmatch(path.name) and int(path.name[len(PREFIX):]) != meta.step:
-        raise CheckpointError(f"{where}: says step {meta.step}, but the directory is {path.name}; the "
-                              "checkpoint was moved or forged")
-    return meta
-
-
-def _layout_entry(where: str, layout: dict[str, Any], name: str) -> list[Any]:
-    entry = untrusted.expect(layout, name, list, path=where, max_len=2)
-    dtype = untrusted.expect(entry, 0, str, path=f"{where} {name!r}", max_len=64)
-    shape = untrusted.expect(entry, 1, list, path=f"{where} {name!r}", max_len=64)
-    return [dtype, [untrusted.expect(shape, i, int, path=f"{where} {name!r} shape", lo=0)
-                    for i in range(len(shape))]]
-
-
-def _verified_files(path: Path, *, read_back: set[str] | None = None) -> dict[str, Any]:
-    """Check every file contents.json lists; those in ``read_back`` (already checked against the
-    disk by their writer) only for their size. A listed name must be a plain file of ``path``."""
+def verify_contents(path: Path, *, read_back: set[str] | None = None) -> dict[str, Any]:
+    """Check every file contents.json lists and return the listing; those in ``read_back`` (already
+    checked against the disk by their writer) only for their size. A listed name must be a plain
+    file of ``path``. The writer's read-back and :mod:`reprokit.checkpointreader` both use it."""
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     contents_path = path / CONTENTS_FILE
     if not contents_path.is_file():
         raise CheckpointError(f"{contents_path}: missing, so the checkpoint was never committed")
     try:
-        listed = untrusted.expect(untrusted.read_json(contents_path, max_bytes=_SMALL_JSON), "files", dict,
+        listed = untrusted.expect(untrusted.read_json(contents_path, max_bytes=SMALL_JSON), "files", dict,
                                   path=contents_path, max_len=64)
         for required in (STATE_FILE, META_FILE):
             if required not in listed:
@@ -355,44 +259,6 @@ def _verified_files(path: Path, *, read_back: set[str] | None = None) -> dict[st
     return cast(dict[str, Any], listed)
 
 
-def check_compatible(
-    meta: CheckpointMeta, path: Path, *, config: Mapping[str, Any],
-    model_state: Mapping[str, torch.Tensor] | None, ignore: frozenset[str] = frozenset(),
-    layout: Mapping[str, Any] | None = None,
-) -> None:
-    """Refuse a checkpoint written for another config or another model architecture (that of
-    ``model_state``, or ``layout`` as :func:`architecture` gives it; neither: not checked).
-
-    The config fields in ``ignore`` (how the run is recorded: checkpoint cadence, workers) may differ.
-    """
-    diffs = config_differences(meta.config, dict(config), ignore=ignore)
-    if diffs:
-        raise CheckpointError(f"{path}: written for a different config ({'; '.join(diffs)})")
-    if model_state is not None:
-        layout = architecture(model_state)
-    if layout is None:
-        return
-    have = dict(layout)
-    if have != meta.architecture:
-        names = sorted(n for n in set(have) | set(meta.architecture)
-                       if have.get(n) != meta.architecture.get(n))
-        shown = ", ".join(
-            f"{n} (checkpoint {meta.architecture.get(n)}, model {have.get(n)})" for n in names[:3]
-        )
-        raise CheckpointError(
-            f"{path}: written for a different model architecture: {len(names)} tensor(s) differ: {shown}"
-        )
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Committed-looking checkpoint directories, newest step first (temporary ones excluded)."""
-    root = checkpoints_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
-
-
 def checkpoints_root(run_dir: str | Path) -> Path:
     """``run_dir/checkpoints``, refused if it is a symbolic link: what a run directory says must not
     make reprokit read or write outside it."""
@@ -401,51 +267,6 @@ def checkpoints_root(run_dir: str | Path) -> Path:
         raise CheckpointError(f"{root}: a symbolic link (to {os.readlink(root)!r}); a run directory's "
                               "checkpoints lie inside it: replace the link by the directory it names")
     return root
-
-
-def latest_pointer(run_dir: str | Path) -> str | None:
-    """The checkpoint name ``latest`` points to, if the pointer exists: a plain file holding the
-    name of a checkpoint directory of this run (``step-N``), else a :class:`CheckpointError`.
-    It may name a checkpoint since deleted: readers scan the directories and never trust it alone."""
-    path = checkpoints_root(run_dir) / LATEST
-    if not path.exists() and not path.is_symlink():
-        return None
-    try:
-        fd, _ = untrusted.open_plain(path)
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(_MAX_POINTER + 1)
-    except RunDirError as e:
-        raise CheckpointError(str(e)) from e
-    name = data.decode("utf-8", "replace").strip()
-    if len(data) > _MAX_POINTER or not _NAME.fullmatch(name):
-        raise CheckpointError(f"{path}: names {name[:60]!r}, not a checkpoint of this run (expected "
-                              f"{PREFIX}NNNNNNN); delete it: the next save writes it again")
-    return name
-
-
-def verify_run(run_dir: str | Path, *, config: Mapping[str, Any] | None = None,
-               model_state: Mapping[str, torch.Tensor] | None = None,
-               ignore: frozenset[str] = frozenset()) -> pd.DataFrame:
-    """One row per checkpoint: name, step, status ("ok" or "bad"), size, and what is wrong.
-
-    With ``config`` (the run's), a checkpoint written for another config (the ``ignore`` fields
-    aside) counts as bad too, and with ``model_state`` one of another model architecture.
-    """
-    rows = []
-    pointer = latest_pointer(run_dir)
-    for path in list_checkpoints(run_dir):
-        size = 0 if path.is_symlink() else sum(f.lstat().st_size for f in path.iterdir() if f.is_file())
-        row: dict[str, Any] = {"checkpoint": path.name, "step": int(path.name[len(PREFIX):]),
-                               "latest": path.name == pointer, "bytes": size}
-        try:
-            meta, _ = read_checkpoint(path)
-            if config is not None:
-                check_compatible(meta, path, config=config, model_state=model_state, ignore=ignore)
-            row.update(status="ok", problem="")
-        except CheckpointError as e:
-            row.update(status="bad", problem=str(e))
-        rows.append(row)
-    return pd.DataFrame(rows, columns=["checkpoint", "step", "latest", "bytes", "status", "problem"])
 
 
 def clean_temporaries(run_dir: str | Path) -> None:

@@ -29,9 +29,9 @@ from reprokit.checkpoint import (
     Snapshot,
     drop_spare,
     keep_spare,
-    list_checkpoints,
     write_checkpoint,
 )
+from reprokit.checkpointreader import list_checkpoints
 from reprokit.diskerrors import DiskError, check_room, writing
 
 _Copies = list[tuple[torch.Tensor, torch.Tensor]]  # (destination, source) pairs still to copy

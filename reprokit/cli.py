@@ -98,7 +98,7 @@ def _print_resumed(result: RunResult) -> None:
 def _verify(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from reprokit.checkpoint import verify_run
+    from reprokit.checkpointreader import verify_run
     from reprokit.rundir import MANIFEST, read_json
     from reprokit.trainer import verify_builtin
 

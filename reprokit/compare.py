@@ -21,7 +21,8 @@ from typing import Any
 import pandas as pd
 
 from reprokit.causes import Cause, attribute_cause, environment_differences, with_replay
-from reprokit.checkpoint import MODEL_KEY, CheckpointError, list_checkpoints, read_checkpoint
+from reprokit.checkpoint import MODEL_KEY, CheckpointError
+from reprokit.checkpointreader import list_checkpoints, read_checkpoint
 from reprokit.digests import first_divergence, max_abs_diff
 from reprokit.errors import ReprokitError
 from reprokit.provenance import manifest_differences

@@ -26,13 +26,8 @@ from typing import Any
 
 import pandas as pd
 
-from reprokit.checkpoint import (
-    CONTENTS_FILE,
-    META_FILE,
-    STATE_FILE,
-    TENSORS_FILE,
-    list_checkpoints,
-)
+from reprokit.checkpoint import CONTENTS_FILE, META_FILE, STATE_FILE, TENSORS_FILE
+from reprokit.checkpointreader import list_checkpoints
 from reprokit.config import TrainConfig
 from reprokit.digests import max_abs_diff
 from reprokit.errors import ReprokitError

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from reprokit.callbacks import Callback, TrainState
-from reprokit.checkpoint import CHECKPOINTS, PREFIX, list_checkpoints
+from reprokit.checkpoint import CHECKPOINTS, PREFIX
+from reprokit.checkpointreader import list_checkpoints
 from reprokit.errors import ReprokitError
 from reprokit.fingerprints import FINGERPRINT_COLUMNS
 from reprokit.ledger import LEDGER_ENV

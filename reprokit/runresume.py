@@ -34,11 +34,9 @@ from reprokit.checkpoint import (
     STATE_FILE,
     CheckpointError,
     CheckpointMeta,
-    check_compatible,
     clean_temporaries,
-    list_checkpoints,
-    read_checkpoint,
 )
+from reprokit.checkpointreader import check_compatible, list_checkpoints, read_checkpoint
 from reprokit.differences import config_differences
 from reprokit.digests import model_digest
 from reprokit.distributed import RANK

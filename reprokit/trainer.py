@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from reprokit.callbacks import Callback
-from reprokit.checkpoint import verify_run
+from reprokit.checkpointreader import verify_run
 from reprokit.config import RECORDING_FIELDS, TrainConfig
 from reprokit.data import DatasetBundle, batches_per_epoch, load_dataset, worker_context
 from reprokit.errors import ConfigError

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic commit, verified loads, safe unpickling, pruning that keeps a valid one."""
+"""Checkpoints: atomic commit, full state, the spare tensors file, pruning that keeps a valid one."""
 
 from __future__ import annotations
 
@@ -17,16 +17,11 @@ from reprokit.checkpoint import (
     CheckpointError,
     CheckpointMeta,
     Snapshot,
-    check_compatible,
     clean_temporaries,
-    latest_pointer,
-    list_checkpoints,
-    read_checkpoint,
-    verify_run,
     write_checkpoint,
 )
 from reprokit.checkpointer import Checkpointer, update_only
-from reprokit.cli import main
+from reprokit.checkpointreader import latest_pointer, list_checkpoints, read_checkpoint
 from reprokit.digests import model_digest
 from reprokit.recovery import damage_checkpoint
 
@@ -62,75 +57,6 @@ def test_checkpoints_hold_full_state_and_latest_points_to_newest(run: Path) -> N
     assert set(state["rng"]) == {"python", "numpy", "torch_cpu", "torch_cuda", "generators"}
     assert state["position"]["loaders"]["0"]["batch"] == 8
     assert meta.run_files["metrics.csv"] > 0 and meta.config == CKPT.to_dict()
-
-
-@pytest.mark.parametrize(
-    ("damage", "message"),
-    [
-        ("truncated", r"tensors\.safetensors: truncated or extended"),
-        ("flipped byte", r"tensors\.safetensors: content digest does not match"),
-        ("missing file", r"meta\.json: missing"),
-        ("malicious pickle", r"state\.pt: refused to load"),
-    ],
-)
-def test_damaged_checkpoint_is_named_with_what_is_wrong(
-    run: Path, tmp_path: Path, damage: str, message: str
-) -> None:
-    """Each kind of damage gives a CheckpointError naming the file and the problem."""
-    copy = _copy(run, tmp_path)
-    path = list_checkpoints(copy)[0]
-    damage_checkpoint(path, damage)
-    with pytest.raises(CheckpointError, match=message):
-        read_checkpoint(path)
-
-
-def test_malicious_pickle_runs_no_code(run: Path, tmp_path: Path) -> None:
-    """A state.pt whose unpickling would create a file is refused and the file never appears."""
-    copy = _copy(run, tmp_path)
-    path = list_checkpoints(copy)[0]
-    damage_checkpoint(path, "malicious pickle")
-    with pytest.raises(CheckpointError, match="could run code"):
-        read_checkpoint(path)
-    assert not (path / "pwned").exists()
-    table = verify_run(copy)
-    assert table.set_index("checkpoint").loc[path.name, "status"] == "bad"
-    assert not (path / "pwned").exists()
-
-
-def test_uncommitted_directory_without_contents_is_refused(run: Path, tmp_path: Path) -> None:
-    """A checkpoint directory lacking contents.json was never committed and does not load."""
-    copy = _copy(run, tmp_path)
-    path = list_checkpoints(copy)[0]
-    (path / "contents.json").unlink()
-    with pytest.raises(CheckpointError, match="never committed"):
-        read_checkpoint(path)
-
-
-def test_checkpoint_of_other_config_or_architecture_is_refused(run: Path, tmp_path: Path) -> None:
-    """check_compatible names the differing config field, or the tensors whose shapes differ."""
-    meta, state = read_checkpoint(list_checkpoints(run)[0])
-    path = Path("ckpt")
-    with pytest.raises(CheckpointError, match=r"different config \(lr: 0\.05 -> 0\.1\)"):
-        check_compatible(meta, path, config=CKPT.replace(lr=0.1).to_dict(), model_state=state["model"])
-    wider = {**state["model"], "1.weight": torch.zeros(3, 3)}
-    with pytest.raises(CheckpointError, match=r"different model architecture.*1\.weight \(checkpoint"):
-        check_compatible(meta, path, config=CKPT.to_dict(), model_state=wider)
-    # how a run is recorded (checkpoint cadence, workers) is not part of what it computes
-    check_compatible(meta, path, config=CKPT.replace(checkpoint_every=2, num_workers=2).to_dict(),
-                     model_state=state["model"], ignore=CKPT.recording_fields())
-
-
-def test_verify_table_and_cli_report_each_checkpoint(
-    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """`reprokit verify` lists every checkpoint, says which is bad and why, and exits 1 then."""
-    assert main(["verify", str(run)]) == 0
-    assert "2/2 checkpoints verify" in capsys.readouterr().out
-    copy = _copy(run, tmp_path)
-    damage_checkpoint(list_checkpoints(copy)[0], "flipped byte")
-    assert main(["verify", str(copy)]) == 1
-    out = capsys.readouterr().out
-    assert "1/2 checkpoints verify" in out and "content digest does not match" in out
 
 
 def test_keep_last_prunes_old_checkpoints(tmp_path: Path) -> None:
@@ -193,7 +119,7 @@ def test_prune_never_deletes_the_only_valid_checkpoint(
     def broken(path: Path, **kwargs: object) -> None:
         raise CheckpointError(f"{path}: simulated bad disk")
 
-    monkeypatch.setattr("reprokit.checkpoint._verified_files", broken)
+    monkeypatch.setattr("reprokit.checkpoint.verify_contents", broken)
     later = CheckpointMeta(**{**meta.to_dict(), "step": 9})
     with pytest.raises(CheckpointError, match="simulated bad disk"):
         saver.save(lambda: Snapshot(later, state))

@@ -22,10 +22,9 @@ from reprokit.checkpoint import (
     CheckpointError,
     CheckpointMeta,
     Snapshot,
-    list_checkpoints,
-    read_checkpoint,
     write_checkpoint,
 )
+from reprokit.checkpointreader import list_checkpoints, read_checkpoint
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from reprokit.checkpoint import verify_run
+from reprokit.checkpointreader import verify_run
 from reprokit.diskerrors import check_room, human
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "diskfull_run.py"

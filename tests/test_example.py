@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from reprokit.checkpoint import list_checkpoints
+from reprokit.checkpointreader import list_checkpoints
 from reprokit.rundir import METRICS
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

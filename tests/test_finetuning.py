@@ -12,7 +12,7 @@ import torch
 
 from reprokit import TrainConfig, load_dataset, model_digest, train
 from reprokit.callbacks import Callback, TrainState
-from reprokit.checkpoint import list_checkpoints
+from reprokit.checkpointreader import list_checkpoints
 from reprokit.cli import main
 from reprokit.errors import ConfigError, DataError
 from reprokit.finetuning import LineageError, lineage, load_parent

@@ -21,7 +21,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import reprokit
-from reprokit.checkpoint import CheckpointError, latest_pointer, read_checkpoint, verify_run
+from reprokit.checkpoint import CheckpointError
+from reprokit.checkpointreader import latest_pointer, read_checkpoint, verify_run
 from reprokit.cli import main
 from reprokit.differences import config_differences
 from reprokit.errors import ConfigError, RunDirError

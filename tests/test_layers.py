@@ -10,8 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "reprokit"
 LAYERS: dict[int, set[str]] = {
     0: {"errors", "diskerrors", "seeding", "globalrng", "stateview", "fingerprints", "digests", "rundir",
         "ledger",
-        "faults", "trace", "flatsums", "flatkernels", "checkpoint", "checkpointer", "tensorfile",
-        "directio", "fsio", "provenance", "checkout", "overrides", "entrypoint", "datadigest",
+        "faults", "trace", "flatsums", "flatkernels", "checkpoint", "checkpointer", "checkpointreader",
+        "tensorfile", "directio", "fsio", "provenance", "checkout", "overrides", "entrypoint", "datadigest",
         "callbacks", "differences", "distributed", "distcheckpoint", "runlock", "untrusted"},
     1: {"run", "runloader", "runresume", "runrecorder", "runtracked", "runsettings", "runstart", "runstop",
         "runsnapshot", "runworld", "runreduce"},

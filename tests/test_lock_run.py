@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import reprokit
-from reprokit.checkpoint import verify_run
+from reprokit.checkpointreader import verify_run
 from reprokit.errors import RunLockedError
 from reprokit.runlock import holder
 

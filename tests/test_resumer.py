@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from reprokit import TrainConfig, provenance, train, trainer
-from reprokit.checkpoint import TMP_PREFIX, list_checkpoints
+from reprokit.checkpoint import TMP_PREFIX
+from reprokit.checkpointreader import list_checkpoints
 from reprokit.cli import main
 from reprokit.recovery import KillPoint, damage_checkpoint, kill_run
 from reprokit.resumer import ResumeError, resume

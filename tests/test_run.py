@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import reprokit
-from reprokit.checkpoint import list_checkpoints
+from reprokit.checkpointreader import list_checkpoints
 from reprokit.errors import ConfigError, DataError, ReprokitError
 from reprokit.rundir import read_metrics
 

@@ -24,9 +24,9 @@ from reprokit.checkpoint import (
     CheckpointError,
     CheckpointMeta,
     Snapshot,
-    read_checkpoint,
     write_checkpoint,
 )
+from reprokit.checkpointreader import read_checkpoint
 
 
 def _state() -> dict[str, Any]:
