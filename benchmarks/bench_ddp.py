@@ -22,9 +22,24 @@ step or save), medians reported:
     costs, a few fsyncs and broadcasts, show) and a wider one (``--save-width``, tens of MB: the digests'
     cost per byte shows). Checked: both load back (``dcp.load``, ``distcheckpoint.load_latest``) to the
     saved state's digest. Target: verified / bare <= 1.15.
+(c) ``reprokit.Run`` in reduction mode "ddp" on a user's loop (the model wrapped in DDP after Run,
+    ``run.loader``, one forward and backward per step, ``run.step(loss=loss)``) vs the same loop bare:
+    the same MLP, Adam, data (a fixed TensorDataset of ``--run-steps`` global batches) and global batch
+    G, one epoch. Run as in its defaults: digests and fingerprints every step (``digest_every=1``), with
+    no checkpoints, no progress bar, no ledger row, each in a new run directory. The plain loop does
+    what Run does that changes bits (benchmarks/ddploops.py), so both end on the same final digest,
+    checked before a ratio is printed. Timed per run: the epoch loop between barriers (median over
+    repeats of the per-repeat ratio) and Run() to finish() ("whole"); in-run, the seconds inside Run's
+    hooks (``run.hook_seconds``: ``run.step``, the loader's yield, the optimizer's pre-hook) per step,
+    at the slowest rank, and their share of the loop. Target: Run / plain <= 1.05.
+(d) Run in mode "canonical" (a plain model, ``run.micro_batches`` of ``n_micro``, the reduction in
+    the optimizer's pre-hook) vs Run in mode "ddp", same loop otherwise; no target. Checked: its final
+    digest is a one-process canonical Run's (a child process of rank 0 without torchrun's variables,
+    after the timed part). The three kinds of run alternate, the order rotating every repeat, after
+    one untimed warm-up run of each.
 
 Run: ``python benchmarks/bench_ddp.py [--quick] [--repeats R] [--steps S] [--saves K] [--nproc N]
-[--width W] [--save-width W] [--json PATH]``; the JSON holds every figure and check.
+[--width W] [--save-width W] [--run-steps S] [--json PATH]``; the JSON holds every figure and check.
 """
 
 from __future__ import annotations
@@ -50,8 +65,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from common import verdict
+from ddploops import KINDS, Loop, dataset, plain_loop, run_loop
 from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import TensorDataset
 
 from reprokit import distcheckpoint
 from reprokit.digests import max_abs_diff, model_digest
@@ -67,9 +84,12 @@ from reprokit.distributed import (
 )
 
 TARGET_SAVE = 1.15  # verified DCP save / bare dcp.save (issue 16)
+TARGET_RUN = 1.05  # Run in mode "ddp" / the same plain DDP loop, loop wall time
 IN, OUT, N_MICRO = 64, 10, 8  # n_micro / N must be a power of two for the canonical tree
 MODES = ("ddp", "canonical")
 WARMUP = 2  # steps of each run left out of its median: DDP rebuilds its buckets after the first
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                  "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
 LAUNCH_TIMEOUT = 900.0  # seconds for the whole torchrun launch; the ranks' own timeout is shorter
 
 
@@ -117,6 +137,35 @@ class SaveResult:
     digests_match: bool
 
 
+@dataclass
+class RunResult:
+    width: int
+    global_batch: int
+    n_micro: int  # canonical mode's micro-batches
+    steps: int
+    repeats: int
+    plain_ms: float  # per step: median over repeats of the loop's wall time / steps
+    ddp_ms: float  # Run in mode "ddp"
+    canonical_ms: float  # Run in mode "canonical"
+    ratio: float  # median over repeats of Run ddp / plain loop
+    ratios: list[float]
+    target: float
+    met: bool
+    whole_ratio: float  # the same for Run() to finish() (the plain loop: seeding to its final digest)
+    canonical_ratio: float  # median over repeats of Run canonical / Run ddp; no target
+    canonical_ratios: list[float]
+    hook_ms: dict[str, float]  # Run ddp, run.hook_seconds per step ("step", "yield", "update"), medians
+    hook_share: float  # their sum / the loop, median over repeats (each repeat's slowest rank)
+    plain_digest: str
+    ddp_digest: str
+    run_matches_plain: bool  # Run ddp ends bitwise where the plain loop ends
+    canonical_digest: str
+    one_process_digest: str
+    canonical_matches_one_process: bool
+    ranks_agree: bool
+    repeatable: bool  # every repeat of a kind ends on the same digest
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="width 256, 12 steps, 3 repeats, 3 saves")
@@ -126,23 +175,31 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int, default=None, help="MLP hidden width (default 512)")
     parser.add_argument("--save-width", type=int, default=None,
                         help="hidden width of the second saved state (default 2048)")
+    parser.add_argument("--run-steps", type=int, default=None,
+                        help="steps of each Run and plain loop in (c) and (d) (default 100)")
     parser.add_argument("--global-batch", type=int, default=64)
     parser.add_argument("--nproc", type=int, default=2, help="ranks (N)")
     parser.add_argument("--json", type=Path, default=Path("bench_ddp.json"), help="where the results go")
     parser.add_argument("--dir", type=Path, default=None, help=argparse.SUPPRESS)  # the launcher's scratch
+    # rank 0's child: one canonical Run in one process, its final digest written to this file
+    parser.add_argument("--alone", type=Path, default=None, help=argparse.SUPPRESS)
     return parser
 
 
-def _settings(args: argparse.Namespace) -> tuple[int, int, int, int, int]:
-    """(repeats, steps, saves, width, save width)."""
+def _settings(args: argparse.Namespace) -> tuple[int, int, int, int, int, int]:
+    """(repeats, steps, saves, width, save width, run steps)."""
     def pick(value: int | None, quick: int, full: int) -> int:
         return value if value is not None else (quick if args.quick else full)
     return (pick(args.repeats, 3, 7), pick(args.steps, 12, 30), pick(args.saves, 3, 7),
-            pick(args.width, 256, 512), pick(args.save_width, 1024, 2048))
+            pick(args.width, 256, 512), pick(args.save_width, 1024, 2048), pick(args.run_steps, 20, 100))
 
 
 def _mlp(width: int) -> torch.nn.Module:
     torch.manual_seed(0)  # the same initial weights at every rank and in every run
+    return _build_mlp(width)
+
+
+def _build_mlp(width: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(IN, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
                                torch.nn.ReLU(), torch.nn.Linear(width, OUT))
 
@@ -317,7 +374,87 @@ def bench_saves(world: World, root: Path, saves: int, width: int, global_batch: 
                       saved, bare_loaded, verified_loaded, bare_loaded == verified_loaded == saved)
 
 
-def _report(world: World, steps: StepResult, saves: list[SaveResult], path: Path) -> None:
+def _run_dir(world: World, root: Path) -> Path:
+    """A new run directory under ``root/runs``, the same path at every rank (rank 0 makes it)."""
+    chosen = [None]
+    if world.is_main:
+        (root / "runs").mkdir(parents=True, exist_ok=True)
+        chosen = [Path(tempfile.mkdtemp(dir=root / "runs")) / "run"]  # type: ignore[list-item]
+    if world.world_size > 1:
+        dist.broadcast_object_list(chosen, src=0)
+    assert chosen[0] is not None
+    return chosen[0]
+
+
+def _loop(kind: str, world: World, root: Path, width: int, data: TensorDataset, global_batch: int) -> Loop:
+    build = functools.partial(_build_mlp, width)
+    if kind == "plain":
+        return plain_loop(world, build, data, global_batch)
+    micro = N_MICRO if kind == "canonical" else None
+    return run_loop(world, build, data, global_batch, _run_dir(world, root), micro)
+
+
+def _one_process_run(root: Path, width: int, run_steps: int, global_batch: int) -> str:
+    """Rank 0's child process (no torchrun variables: one process, no group) runs the canonical Run
+    alone; its final digest."""
+    out = root / "alone-digest.txt"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--width", str(width), "--run-steps",
+           str(run_steps), "--global-batch", str(global_batch), "--dir", str(root), "--alone", str(out)]
+    env = {k: v for k, v in os.environ.items()
+           if k not in _TORCHRUN_VARS and not k.startswith("TORCHELASTIC")}
+    subprocess.run(cmd, env=env, check=True, timeout=300)
+    return out.read_text().strip()
+
+
+def alone(args: argparse.Namespace) -> None:
+    """The canonical Run of (d) in this one process; its final digest into ``args.alone``."""
+    _, _, _, width, _, run_steps = _settings(args)
+    torch.set_num_threads(1)
+    one = World(0, 1, 0, None, initialized_here=False)
+    data = dataset(run_steps * args.global_batch, IN, OUT)
+    loop = _loop("canonical", one, args.dir, width, data, args.global_batch)
+    args.alone.write_text(loop.digest + "\n")
+
+
+def _median_over_repeats(world: World, loops: list[Loop], value: Callable[[Loop], float]) -> float:
+    """The median over repeats of ``value`` at each repeat's slowest rank."""
+    return statistics.median(_max_over_ranks([value(loop) for loop in loops]))
+
+
+def bench_runs(world: World, root: Path, repeats: int, run_steps: int, width: int,
+               global_batch: int) -> RunResult:
+    data = dataset(run_steps * global_batch, IN, OUT)
+    for kind in KINDS:  # warm-up: imports, DDP's first buckets, the allocator
+        _loop(kind, world, root, width, dataset(3 * global_batch, IN, OUT), global_batch)
+    loops: dict[str, list[Loop]] = {kind: [] for kind in KINDS}
+    for r in range(repeats):
+        for kind in KINDS[r % len(KINDS):] + KINDS[:r % len(KINDS)]:
+            loops[kind].append(_loop(kind, world, root, width, data, global_batch))
+    digests = {kind: {loop.digest for loop in loops[kind]} for kind in KINDS}
+    agree = all(not all_equal_to_rank0(loop.digest, world) for kind in KINDS for loop in loops[kind])
+    dist.barrier()
+    one = _one_process_run(root, width, run_steps, global_batch) if world.is_main else ""
+    dist.barrier()  # the other ranks wait for rank 0's child
+    plain, ddp, canonical = (loops[kind] for kind in KINDS)
+    ratios = [d.seconds / p.seconds for d, p in zip(ddp, plain, strict=True)]
+    canonical_ratios = [c.seconds / d.seconds for c, d in zip(canonical, ddp, strict=True)]
+    whole = statistics.median(d.whole / p.whole for d, p in zip(ddp, plain, strict=True))
+    steps = plain[0].steps
+    per_step = {kind: 1e3 * statistics.median(loop.seconds for loop in loops[kind]) / steps for kind in KINDS}
+    hook_ms = {name: 1e3 * _median_over_repeats(world, ddp, lambda loop: loop.hooks[name]) / steps  # noqa: B023
+               for name in ("step", "yield", "update")}
+    share = _median_over_repeats(world, ddp, lambda loop: sum(loop.hooks.values()) / loop.seconds)
+    ratio = statistics.median(ratios)
+    plain_digest, ddp_digest, canonical_digest = (sorted(digests[kind])[0] for kind in KINDS)
+    return RunResult(
+        width, global_batch, N_MICRO, steps, repeats, per_step["plain"], per_step["ddp"],
+        per_step["canonical"], ratio, ratios, TARGET_RUN, ratio <= TARGET_RUN, whole,
+        statistics.median(canonical_ratios), canonical_ratios, hook_ms, share, plain_digest, ddp_digest,
+        digests["plain"] == digests["ddp"] and len(digests["ddp"]) == 1, canonical_digest, one,
+        one == canonical_digest, agree, all(len(d) == 1 for d in digests.values()))
+
+
+def _report(world: World, steps: StepResult, saves: list[SaveResult], runs: RunResult, path: Path) -> None:
     n = world.world_size
     print(f"bench_ddp: {n} ranks (gloo, 1 thread each), MLP {IN}-{steps.width}-{steps.width}-{OUT} "
           f"({steps.params:,} params), Adam, global batch {steps.global_batch} in {steps.n_micro} "
@@ -334,6 +471,15 @@ def _report(world: World, steps: StepResult, saves: list[SaveResult], path: Path
         what = f"save {save.state_bytes / 2**20:.1f} MiB: dcp.save vs verified"
         print(f"{what:<34} {save.bare_ms:>11.3f} {save.verified_ms:>11.3f} {save.ratio:>6.3f}x   "
               f"{verdict(save.ratio, TARGET_SAVE)}")
+    print(f"{'Run ddp vs plain DDP loop':<34} {runs.plain_ms:>11.3f} {runs.ddp_ms:>11.3f} "
+          f"{runs.ratio:>6.3f}x   {verdict(runs.ratio, TARGET_RUN)}")
+    print(f"{'Run canonical vs Run ddp':<34} {runs.ddp_ms:>11.3f} {runs.canonical_ms:>11.3f} "
+          f"{runs.canonical_ratio:>6.3f}x")
+    hooks = ", ".join(f"{name} {ms:.3f}" for name, ms in runs.hook_ms.items())
+    print(f"Run ddp vs plain ({runs.steps} steps of global batch {runs.global_batch}, ms per step above, "
+          f"{runs.repeats} interleaved repeats): in Run's hooks per step (ms, slowest rank) {hooks} = "
+          f"{100 * runs.hook_share:.1f}% of the loop; Run() to finish() vs the plain loop "
+          f"{runs.whole_ratio:.3f}x")
     print(f"floats per step: all-reduce of P = {steps.all_reduce_floats:,}; canonical all_gather of N·P = "
           f"{steps.gathered_floats:,} at every rank ({4 * steps.gathered_floats / 2**20:.1f} MiB)")
     print(f"checks: ranks agree {steps.ranks_agree}; every run of a mode bitwise the same "
@@ -341,25 +487,32 @@ def _report(world: World, steps: StepResult, saves: list[SaveResult], path: Path
           f"{steps.canonical_matches_one_process}; DDP vs canonical max |diff| "
           f"{steps.max_abs_diff_ddp_vs_canonical:.3g} (not bitwise: another order); "
           f"both checkpoints load back to the saved state {all(s.digests_match for s in saves)} "
-          f"({saves[0].saves} saves of each kind and size)")
+          f"({saves[0].saves} saves of each kind and size); Run ddp ends on the plain DDP loop's final "
+          f"digest {runs.run_matches_plain} ({runs.ddp_digest[:16]}…); Run canonical at {n} ranks == a "
+          f"one-process canonical Run {runs.canonical_matches_one_process} ({runs.canonical_digest[:16]}…); "
+          f"every Run and plain run: ranks agree {runs.ranks_agree}, repeats bitwise the same "
+          f"{runs.repeatable}")
     results = {"world_size": n, "backend": world.backend, "threads_per_rank": torch.get_num_threads(),
-               "step": asdict(steps), "saves": [asdict(s) for s in saves]}
+               "step": asdict(steps), "saves": [asdict(s) for s in saves], "run": asdict(runs)}
     path.write_text(json.dumps(results, indent=2) + "\n")
     ratios = ", ".join(f"{s.ratio:.3f}x at {s.state_bytes / 2**20:.1f} MiB" for s in saves)
     print(f"SUMMARY: canonical/DDP step {steps.ratio:.3f}x; verified/bare DCP save {ratios} "
-          f"(target <= {TARGET_SAVE:.2f}x); results in {path}")
+          f"(target <= {TARGET_SAVE:.2f}x); Run(ddp)/plain DDP loop {runs.ratio:.3f}x "
+          f"({verdict(runs.ratio, TARGET_RUN)}), hooks {100 * runs.hook_share:.1f}% of the loop; "
+          f"Run canonical/Run ddp {runs.canonical_ratio:.3f}x; results in {path}")
 
 
 def worker(args: argparse.Namespace) -> None:
-    repeats, steps, saves, width, save_width = _settings(args)
+    repeats, steps, saves, width, save_width, run_steps = _settings(args)
     torch.set_num_threads(1)  # the thread count changes the bits on CPU
     world = init_process_group(timeout_s=300.0, backend="gloo")
     # a torchrun launched by hand gets a scratch folder next to the JSON, removed at the end
     root = args.dir or args.json.resolve().parent / f"bench_ddp-scratch-{os.environ.get('MASTER_PORT', '0')}"
     step_result = bench_steps(world, repeats, steps, width, args.global_batch)
     save_results = [bench_saves(world, root, saves, w, args.global_batch) for w in (width, save_width)]
+    run_result = bench_runs(world, root, repeats, run_steps, width, args.global_batch)  # Run sets determinism
     if world.is_main:
-        _report(world, step_result, save_results, args.json)
+        _report(world, step_result, save_results, run_result, args.json)
     leave_process_group(world)
     if world.is_main and args.dir is None:
         shutil.rmtree(root, ignore_errors=True)
@@ -394,7 +547,9 @@ def launch(args: argparse.Namespace) -> int:
 
 def main() -> None:
     args = _parser().parse_args()
-    if "WORLD_SIZE" in os.environ:
+    if args.alone is not None:
+        alone(args)
+    elif "WORLD_SIZE" in os.environ:
         worker(args)
     else:
         sys.exit(launch(args))

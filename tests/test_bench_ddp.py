@@ -18,11 +18,13 @@ _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def test_bench_ddp_writes_its_figures_and_both_sides_match(tmp_path: Path) -> None:
-    """The JSON holds the step, reduction and save figures; the canonical step at 2 ranks is bitwise the
-    one-process one, every rank and run agree, and both checkpoints load back to the saved state."""
+    """The JSON holds the step, reduction, save and Run figures; the canonical step at 2 ranks is bitwise
+    the one-process one, every rank and run agree, both checkpoints load back to the saved state, the
+    Run in mode "ddp" ends on the plain DDP loop's digest and the canonical Run on a one-process one's."""
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
-    tiny = ["--width", "16", "--steps", "3", "--repeats", "1", "--saves", "1", "--save-width", "32"]
+    tiny = ["--width", "16", "--steps", "3", "--repeats", "1", "--saves", "1", "--save-width", "32",
+            "--run-steps", "4"]
     agent = subprocess.Popen([sys.executable, str(BENCH), *tiny, "--json", str(out)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -45,4 +47,12 @@ def test_bench_ddp_writes_its_figures_and_both_sides_match(tmp_path: Path) -> No
     for save in results["saves"]:
         assert save["bare_ms"] > 0 and save["verified_ms"] > 0 and save["state_bytes"] > 0
         assert save["digests_match"] and save["saved_digest"] == save["verified_loaded_digest"]
-    assert "SUMMARY: canonical/DDP step" in log.decode()
+    run = results["run"]
+    for key in ("plain_ms", "ddp_ms", "canonical_ms", "ratio", "canonical_ratio", "whole_ratio"):
+        assert run[key] > 0, key
+    assert set(run["hook_ms"]) == {"step", "yield", "update"} and run["hook_ms"]["step"] > 0
+    assert (run["steps"], run["repeats"], run["n_micro"]) == (4, 1, 8)
+    assert run["run_matches_plain"] and run["ddp_digest"] == run["plain_digest"]
+    assert run["canonical_matches_one_process"] and run["canonical_digest"] == run["one_process_digest"]
+    assert run["ranks_agree"] and run["repeatable"]
+    assert "SUMMARY: canonical/DDP step" in log.decode() and "Run(ddp)/plain DDP loop" in log.decode()
