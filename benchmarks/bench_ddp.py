@@ -1,4 +1,4 @@
-"""DDP on gloo: a plain DDP step vs the same step reduced by canonical_all_reduce; verified vs bare DCP saves.
+"""DDP on gloo: a DDP step vs a canonical_all_reduce one; verified vs bare DCP saves; Run vs a plain DDP loop.
 
 One ``torchrun --standalone --nproc-per-node N`` launch (the script starts it itself; N = 2 by default),
 one intra-op thread per rank, everything measured in that launch, interleaved (the order alternates every
@@ -31,7 +31,8 @@ step or save), medians reported:
     checked before a ratio is printed. Timed per run: the epoch loop between barriers (median over
     repeats of the per-repeat ratio) and Run() to finish() ("whole"); in-run, the seconds inside Run's
     hooks (``run.hook_seconds``: ``run.step``, the loader's yield, the optimizer's pre-hook) per step,
-    at the slowest rank, and their share of the loop. Target: Run / plain <= 1.05.
+    at the slowest rank, and their share of the loop (``run.step`` includes its collectives, the replica
+    check and the stop flag, so a rank's wait for the other counts there). Target: Run / plain <= 1.05.
 (d) Run in mode "canonical" (a plain model, ``run.micro_batches`` of ``n_micro``, the reduction in
     the optimizer's pre-hook) vs Run in mode "ddp", same loop otherwise; no target. Checked: its final
     digest is a one-process canonical Run's (a child process of rank 0 without torchrun's variables,
@@ -376,10 +377,10 @@ def bench_saves(world: World, root: Path, saves: int, width: int, global_batch: 
 
 def _run_dir(world: World, root: Path) -> Path:
     """A new run directory under ``root/runs``, the same path at every rank (rank 0 makes it)."""
-    chosen = [None]
+    chosen: list[Path | None] = [None]
     if world.is_main:
         (root / "runs").mkdir(parents=True, exist_ok=True)
-        chosen = [Path(tempfile.mkdtemp(dir=root / "runs")) / "run"]  # type: ignore[list-item]
+        chosen = [Path(tempfile.mkdtemp(dir=root / "runs")) / "run"]
     if world.world_size > 1:
         dist.broadcast_object_list(chosen, src=0)
     assert chosen[0] is not None
