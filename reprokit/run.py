@@ -67,12 +67,11 @@ from reprokit.runstart import RunStart
 from reprokit.runstop import EXIT_STOPPED, ResumeInfo, RunSummary, StopSignals, progress_bar
 from reprokit.runtracked import Tracked
 from reprokit.runworld import (
-    due_on_rank0,
+    agree_after_step,
     join_world,
     manifest_entry,
     open_in_rank_order,
     rank_path,
-    replica_mismatches,
     stop_signal,
 )
 from reprokit.seeding import seed_everything
@@ -277,19 +276,24 @@ class Run(RunStart):
                                "loss": loss_value(loss)}
         put_metrics(row, metrics)
         self.digests = self._recorder.write_step(self._files, row, row["loss"] if loss is not None else None)
-        if self.world.world_size > 1 and self.digests is not None:
-            bad = replica_mismatches(self.world, step, combine_digests(self.digests))
-            self._replica_mismatch += [[step, rank] for rank in bad]
+        due = step != self.steps and self._checkpointer.due(step)
+        if self.world.world_size > 1:  # one collective: replicas, rank 0's clock, a stop at any rank
+            agreed = agree_after_step(self.world, step, self._signals.requested, due,
+                                      combine_digests(self.digests) if self.digests is not None else None)
+            self._replica_mismatch += [[step, rank] for rank in agreed.mismatched]
+            due = step != self.steps and (agreed.due if self._checkpointer.seconds else due)
+            self._signals.requested = agreed.signal
         self._state.step, self._state.digests = step, self.digests
         for cb in self._callbacks:
             cb.on_step_end(self._state)
-        if step != self.steps and self._checkpoint_due(step):
+        stopping = self._signals.requested is not None
+        if due and not stopping:  # a stop saves this step's checkpoint itself
             self._checkpointer.save(self._snapshot)
         self._expect_step()
         if self._bar is None:
             self._bar = progress_bar(self._progress, self.steps, step - 1, self.path.name)
         self._bar.update()
-        if self._stop_requested():
+        if stopping:
             self._stop_now()
 
     def _stop_requested(self) -> bool:
@@ -398,12 +402,6 @@ class Run(RunStart):
         return take_snapshot(self._tracked, self._loaders, self._callbacks, step=self.global_step,
                              epoch=self.epoch, manifest=self._manifest, files=self._files,
                              replica_mismatch=self._replica_mismatch if self.world.world_size > 1 else None)
-
-    def _checkpoint_due(self, step: int) -> bool:
-        due = self._checkpointer.due(step)
-        if self.world.world_size > 1 and self._checkpointer.seconds:
-            return due_on_rank0(due)  # the ranks' clocks differ; their checkpoint steps must not
-        return due
 
     def micro_batches(self, *tensors: Any) -> Iterator[Any]:
         """reduction='canonical': this rank's micro-batches of a ``run.loader`` batch (one tensor, or a

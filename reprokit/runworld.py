@@ -11,20 +11,22 @@ world size the run started with and refuses another (resharding goes through DCP
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from reprokit.distributed import World, all_equal_to_rank0, init_process_group, nccl_env, world_from_env
+from reprokit.distributed import World, init_process_group, nccl_env, world_from_env
 from reprokit.errors import DistributedError
 from reprokit.runresume import RunFinished
 
-__all__ = ["RANKS_DIR", "agree_step", "agreed_step", "due_on_rank0", "join_world", "manifest_entry",
-           "open_in_rank_order", "rank_path", "replica_mismatches", "stop_signal"]
+__all__ = ["RANKS_DIR", "StepAgreement", "agree_after_step", "agree_step", "agreed_step", "join_world",
+           "manifest_entry", "open_in_rank_order", "rank_path", "stop_signal"]
 
 RANKS_DIR = "ranks"  # RUN_DIR/ranks/rank-R: rank R's private run directory (readers skip it)
 PROCESS_GROUP_TIMEOUT_S = 120.0  # a stalled rank fails the job in 2 minutes, not torch's 30
@@ -38,8 +40,21 @@ def join_world() -> World:
     if dist.is_available() and dist.is_initialized():
         return init_process_group()  # joins it; initialized_here=False, so the user keeps its teardown
     if world_from_env().world_size > 1:
+        _warn_shared_store()
         return init_process_group(PROCESS_GROUP_TIMEOUT_S)
     return world_from_env()
+
+
+def _warn_shared_store() -> None:
+    """Under ``torchrun --max-restarts K`` with the agent's store shared (torch's default), a
+    restarted round can read the last round's gloo/NCCL addresses and fail to connect
+    (pytorch/pytorch#135712; seen here: "Gloo connectFullMesh failed ... Connection refused")."""
+    restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if shared and restarts.isdigit() and int(restarts) > 0 and os.environ.get("RANK") == "0":
+        print("reprokit: warning: torchrun --max-restarts shares its store with the process group, so a "
+              "restart may fail to connect (pytorch/pytorch#135712); launch with "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ...", file=sys.stderr, flush=True)
 
 
 def rank_path(path: Path, world: World) -> Path:
@@ -150,14 +165,6 @@ def _bounds(low: int, minus_high: int) -> tuple[int, int]:
     return int(bounds[0]), -int(bounds[1])
 
 
-def due_on_rank0(due: bool) -> bool:
-    """Rank 0's answer to "is a time-based checkpoint due?", on every rank: the ranks' clocks differ,
-    their checkpoint steps must not."""
-    flag = torch.tensor([int(due)], dtype=torch.int64)
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
-
-
 def stop_signal(signum: int | None) -> int | None:
     """The stop signal any rank received (SIGTERM/SIGINT reach one rank, or all at different
     moments): every rank stops after the same step, or none does. One 8-byte all-reduce a step."""
@@ -166,13 +173,37 @@ def stop_signal(signum: int | None) -> int | None:
     return int(flag.item()) or None
 
 
-def replica_mismatches(world: World, step: int, digest: str) -> list[int]:
-    """The ranks whose combined parameter digest after ``step`` differs from rank 0's, each named in a
-    warning on stderr (every rank gets the same list)."""
-    bad = all_equal_to_rank0(digest, world)
+@dataclass(frozen=True)
+class StepAgreement:
+    """What the ranks agree on after a step: the stop signal any rank received, rank 0's answer to
+    "is a time-based checkpoint due?" (the ranks' clocks differ; their checkpoint steps must not),
+    and the ranks whose parameter digest differs from rank 0's."""
+
+    signal: int | None
+    due: bool
+    mismatched: list[int]
+
+
+def agree_after_step(world: World, step: int, signum: int | None, due: bool, digest: str | None
+                     ) -> StepAgreement:
+    """One ``all_gather`` of 4 int64 per rank a step (the signal, the due flag, the 128-bit digest)
+    rather than a collective for each: on a busy machine every collective waits for the slowest
+    rank's turn on a core. A rank that differs is named in a warning on stderr (every rank gets
+    the same answer; ``digest`` is None at a step without digests, the same at every rank)."""
+    words = _digest_words(digest) if digest is not None else (0, 0)
+    mine = torch.tensor([signum or 0, int(due), *words], dtype=torch.int64)
+    gathered = [torch.empty_like(mine) for _ in range(world.world_size)]
+    dist.all_gather(gathered, mine)
+    rows = [g.tolist() for g in gathered]
+    bad = [r for r, row in enumerate(rows) if row[2:] != rows[0][2:]] if digest is not None else []
     if bad and world.rank == 0:
         for rank in bad:
             print(f"reprokit: warning: rank {rank}'s parameters differ from rank 0's after step {step}; the "
                   "replicas diverged (a rank-dependent update, or parameters changed outside DDP)",
                   file=sys.stderr, flush=True)
-    return bad
+    return StepAgreement(max(row[0] for row in rows) or None, bool(rows[0][1]), bad)
+
+
+def _digest_words(digest: str) -> tuple[int, int]:
+    raw = bytes.fromhex(digest)
+    return (int.from_bytes(raw[:8], "little", signed=True), int.from_bytes(raw[8:16], "little", signed=True))

@@ -23,10 +23,10 @@ DEADLINE = 180.0  # seconds for one launch (~5 s at 2 ranks, ~11 s at 4 on an id
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _launch(run_dir: Path, *args: str, nproc: int | None, **env: str) -> tuple[int, str]:
+def _launch(run_dir: Path, *args: str, nproc: int | None, restarts: int = 0, **env: str) -> tuple[int, str]:
     """The fixture under torchrun with ``nproc`` ranks (plain python when None): exit status, output."""
     torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node",
-                str(nproc)] if nproc else [sys.executable]
+                str(nproc), "--max-restarts", str(restarts)] if nproc else [sys.executable]
     environ = {k: v for k, v in os.environ.items() if k not in _DIST_VARS and not k.startswith("REPROKIT_")}
     proc = subprocess.Popen([*torchrun, str(FIXTURE), str(run_dir), *args], cwd=REPO, text=True,
                             env={**environ, "OMP_NUM_THREADS": "1", "REPROKIT_PROGRESS": "0", **env},
@@ -101,3 +101,16 @@ def test_a_killed_canonical_run_resumes_at_another_world_size_bit_exact(
         newcomer = json.loads((run_dir / "ranks" / f"rank-{after - 1}" / "manifest.json").read_text())
         assert newcomer["borrowed"]["step"] == manifest["resumes"][-1]["from_step"]
         assert isinstance(newcomer["borrowed"]["torch_seed"], int)
+
+
+def test_torchrun_max_restarts_after_a_killed_rank_finishes_bit_exact(one_process: Path,
+                                                                      tmp_path: Path) -> None:
+    """Both ranks SIGKILLed at step 6 under ``torchrun --max-restarts 1``: torchrun's restart continues
+    from step 4 and ends on the one-process digests. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as Run's
+    warning says (without it the restarted gloo group fails to connect: pytorch/pytorch#135712)."""
+    run_dir = tmp_path / "run"
+    status, output = _launch(run_dir, nproc=2, restarts=1, REPROKIT_CRASH_AT_STEP="6",
+                             TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    assert status == 0, output
+    assert "resuming" in output and "from step-0000004" in output
+    assert (run_dir / "digests.csv").read_bytes() == (one_process / "digests.csv").read_bytes()
