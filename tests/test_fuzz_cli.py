@@ -25,7 +25,7 @@ from test_fuzz_rundir import _DAMAGES, _damaged, _files, _known_bug, _names, _tr
 
 from reprokit.cli import _parser, main
 
-_FUZZ = settings(max_examples=600, deadline=None, derandomize=True,
+_FUZZ = settings(max_examples=1200, deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -229,7 +229,7 @@ _READING = st.sampled_from([["verify", "@RUN"], ["lineage", "@RUN"], ["compare",
                             ["runs", "--rebuild", "--root", "@RUN/..", "--ledger", "--store"]])
 
 
-@settings(_FUZZ, max_examples=150)
+@settings(_FUZZ, max_examples=300)
 @given(data=st.data(), damage=_DAMAGES)
 def test_reading_commands_on_a_damaged_run_exit_cleanly(world: World, data: st.DataObject,
                                                         damage: Callable[[Path], None],

@@ -179,6 +179,36 @@ def test_a_config_that_contains_itself_is_a_config_error(tmp_path: Path) -> None
         _run(tmp_path / "run", config, 0)
 
 
+def _setting_bug(setting: str, value: Any, where: str) -> Any:
+    return pytest.param(setting, value, marks=pytest.mark.xfail(
+        strict=True, raises=(TypeError, ValueError),
+        reason=f"bug in reprokit/runsettings.py resolve_settings, which checks only the cadences and steps: "
+        f"{setting}={value!r} reaches {where}"))
+
+
+@pytest.mark.parametrize(("setting", "value"), [
+    _setting_bug("deterministic", None, "seeding.py: a TypeError from torch.use_deterministic_algorithms"),
+    _setting_bug("deterministic", "yes", "seeding.py: a TypeError from torch.use_deterministic_algorithms"),
+    _setting_bug("threads", 2**31, "seeding.py: ValueError 'Overflow when unpacking long' from "
+                 "torch.set_num_threads"),
+    _setting_bug("checkpoint_seconds", "1", "checkpointer.py: a TypeError comparing a float and a str"),
+    _setting_bug("checkpoint_seconds", 1j, "rundir.py atomic_write_json: complex is not JSON serializable"),
+    ("digest_every", 1.5), ("steps", 0), ("keep_last", True),  # checked: ConfigErrors
+])
+def test_a_run_setting_of_the_wrong_type_is_a_config_error(tmp_path: Path, setting: str, value: Any) -> None:
+    """A Run setting not of its type or range (found fuzzing Run's arguments beside the config) is a
+    ConfigError naming it, as digest_every's, keep_last's and steps' are."""
+    with pytest.raises(ConfigError, match=setting):
+        run = reprokit.Run(tmp_path / "run", progress=False, ledger=False, **{setting: value})
+        try:
+            run.track(model=nn.Linear(1, 1))
+            for _ in run.epochs(1):
+                run.step()
+            run.finish()
+        finally:
+            run.close()
+
+
 def test_recipe_differences_compares_types_at_every_level() -> None:
     """A recorded field of another type (True for 1, 1 for 1.0, nested too) is a difference; equal
     manifests have none."""

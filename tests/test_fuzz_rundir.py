@@ -320,7 +320,7 @@ def _committed(run_dir: Path) -> dict[str, str]:
     return {k: v for k, v in _files(run_dir).items() if not k.endswith(".lock")}
 
 
-@settings(_FUZZ, max_examples=300)
+@settings(_FUZZ, max_examples=500)
 @given(data=st.data(), damage=_DAMAGES)
 def test_a_relaunch_on_any_damage_ends_bit_exact_or_changes_nothing(killed: tuple[Path, str],
                                                                     data: st.DataObject,
