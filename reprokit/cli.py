@@ -31,6 +31,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReprokitError as e:
         print(f"reprokit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system refused a path given (a name too long, a file as a folder...)
+        print(f"reprokit {args.command}: error: {_os_reason(e)}", file=sys.stderr)
+        return 2
+
+
+def _os_reason(e: OSError) -> str:
+    """``'PATH': why`` on one line, the path cut to 100 characters."""
+    if e.filename is None or not e.strerror:
+        return " ".join(str(e).split()) or type(e).__name__
+    name = str(e.filename)
+    shown = repr(name if len(name) <= 100 else f"{name[:97]}...")
+    return f"{shown}: {e.strerror}; pass a path that exists and fits the file system"
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -24,10 +24,12 @@ from reprokit.causes import Cause, attribute_cause, environment_differences, wit
 from reprokit.checkpoint import MODEL_KEY, CheckpointError
 from reprokit.checkpointreader import list_checkpoints, read_checkpoint
 from reprokit.digests import first_divergence, max_abs_diff
-from reprokit.errors import ReprokitError
+from reprokit.errors import ReprokitError, RunDirError
 from reprokit.provenance import manifest_differences
 from reprokit.rundir import (
+    DIGESTS,
     MANIFEST,
+    METRICS,
     MODEL,
     RESULT,
     read_digests,
@@ -100,7 +102,7 @@ def compare_runs(a: str | Path, b: str | Path, *, replay: bool = False) -> Compa
     """
     a, b = Path(a), Path(b)
     manifest_a, manifest_b = read_json(a, MANIFEST), read_json(b, MANIFEST)
-    digests_a, digests_b = read_digests(a), read_digests(b)
+    digests_a, digests_b = _digests(a), _digests(b)
     divergence = first_divergence(digests_a, digests_b)
     result_a, result_b = _result(a), _result(b)
     final_gap = max_abs_diff(read_model(a), read_model(b)) \
@@ -123,8 +125,8 @@ def compare_runs(a: str | Path, b: str | Path, *, replay: bool = False) -> Compa
         max_abs_diff=float(at_first.iloc[0]) if len(at_first) else math.nan,
         final_max_abs_diff=final_gap,
         metric_name=str((result_a or result_b or {}).get("metric_name", "final_metric")),
-        final_metric_a=float(result_a["final_metric"]) if result_a else math.nan,
-        final_metric_b=float(result_b["final_metric"]) if result_b else math.nan,
+        final_metric_a=_metric(result_a),
+        final_metric_b=_metric(result_b),
         gap=gap,
         manifest_differences=differences,
         cause=cause,
@@ -149,15 +151,44 @@ def _result(run_dir: Path) -> dict[str, Any] | None:
     return read_json(run_dir, RESULT) if (run_dir / RESULT).is_file() else None
 
 
+def _digests(run_dir: Path) -> list[tuple[int, dict[str, str]]]:
+    """digests.csv, each tensor name and digest a str: an empty cell (pandas' NaN) is a damaged file."""
+    history = read_digests(run_dir)
+    for step, digests in history:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in digests.items()):
+            raise RunDirError(f"{run_dir / DIGESTS}: step {step} has an empty tensor name or digest; "
+                              "the file is damaged")
+    return history
+
+
+def _metric(result: dict[str, Any] | None) -> float:
+    """The final metric a result.json holds; NaN if none (a run without one may record ``null``)."""
+    value = (result or {}).get("final_metric")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+
+
+def _numbers(path: Path, frame: pd.DataFrame, columns: list[str], *,
+             text: tuple[str, ...] = ()) -> pd.DataFrame:
+    """``frame[columns]``, each present and numeric (``step`` an integer, those in ``text`` any
+    type); else a RunDirError naming the file: a damaged CSV, not a pandas KeyError or merge error."""
+    numeric, integer = pd.api.types.is_numeric_dtype, pd.api.types.is_integer_dtype
+    bad = [c for c in columns if c not in frame or (c not in text and not numeric(frame[c]))
+           or (c == "step" and not integer(frame[c]))]
+    if bad:
+        raise RunDirError(f"{path}: column(s) {bad} missing or not numbers (step: integers); the file is "
+                          "damaged or not reprokit's")
+    return frame[columns]
+
+
 def _gap(a: Path, b: Path, final_gap: float, result_a: dict[str, Any] | None,
          result_b: dict[str, Any] | None) -> pd.DataFrame:
     columns = ["step", "loss"]
-    metrics = pd.merge(step_rows(read_metrics(a))[columns], step_rows(read_metrics(b))[columns],
-                       on="step", suffixes=("_a", "_b"))
+    metrics_a, metrics_b = (_numbers(run / METRICS, step_rows(read_metrics(run)), columns) for run in (a, b))
+    metrics = pd.merge(metrics_a, metrics_b, on="step", suffixes=("_a", "_b"))
     metrics["loss_diff"] = (metrics["loss_a"] - metrics["loss_b"]).abs()
-    history_b = dict(read_digests(b))
+    history_b = dict(_digests(b))
     differing = {step: sum(d.get(n) != theirs.get(n) for n in set(d) | set(theirs))
-                 for step, d in read_digests(a) if (theirs := history_b.get(step)) is not None}
+                 for step, d in _digests(a) if (theirs := history_b.get(step)) is not None}
     metrics["differing_tensors"] = metrics["step"].map(differing).astype("Int64")
     metrics["param_norm_gap"] = metrics["step"].map(_norm_gap(a, b)).astype(float)
     exact = _checkpoint_gaps(a, b)
@@ -172,7 +203,8 @@ def _norm_gap(a: Path, b: Path) -> dict[int, float]:
     if not ((a / TRACE).is_file() and (b / TRACE).is_file()):
         return {}
     cols = ["step", "tensor", "param_norm"]
-    both = pd.merge(read_trace(a)[cols], read_trace(b)[cols], on=["step", "tensor"], suffixes=("_a", "_b"))
+    trace_a, trace_b = (_numbers(run / TRACE, read_trace(run), cols, text=("tensor",)) for run in (a, b))
+    both = pd.merge(trace_a, trace_b, on=["step", "tensor"], suffixes=("_a", "_b"))
     gap = (both["param_norm_a"] - both["param_norm_b"]).abs().groupby(both["step"]).max()
     return dict(zip(gap.index.astype(int), gap.astype(float), strict=True))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -103,14 +104,14 @@ class TrainConfig:
                 raise ConfigError(
                     f"{name} {value} is out of range [0, 2**32-1]; pass a non-negative int below 2**32"
                 )
-        if not self.lr > 0:  # written so that NaN fails too
-            raise ConfigError(f"lr {self.lr} must be > 0; pass e.g. lr=0.05")
+        if not 0 < self.lr < math.inf:  # written so that NaN fails too
+            raise ConfigError(f"lr {self.lr} must be > 0 and finite; pass e.g. lr=0.05")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction {self.val_fraction} is outside (0, 1); pass e.g. 0.2")
         for name in ("momentum", "weight_decay"):
             value = getattr(self, name)
-            if not value >= 0:
-                raise ConfigError(f"{name} {value} must be a number >= 0; pass e.g. {name}=0.0")
+            if not 0 <= value < math.inf:  # inf would make every weight NaN at the first step
+                raise ConfigError(f"{name} {value} must be a number >= 0 and finite; pass e.g. {name}=0.0")
 
     def _check_finetune(self) -> None:
         _choice("finetune", self.finetune, STRATEGIES)
@@ -127,8 +128,9 @@ class TrainConfig:
             raise ConfigError(
                 f"unfreeze_at {at} is not before the last step {steps}; pass a value in [1, {steps - 1}]"
             )
-        if not self.backbone_lr_factor > 0:
-            raise ConfigError(f"backbone_lr_factor {self.backbone_lr_factor} must be > 0; pass e.g. 0.1")
+        if not 0 < self.backbone_lr_factor < math.inf:
+            raise ConfigError(f"backbone_lr_factor {self.backbone_lr_factor} must be > 0 and finite; "
+                              "pass e.g. 0.1")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -136,9 +138,10 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"a config must be a mapping of field: value, got {type(data).__name__}")
         allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - allowed)
+        unknown = sorted(map(_shown, set(data) - allowed))  # a YAML key may be an int, not only a str
         if unknown:
-            raise ConfigError(f"unknown config key(s) {unknown}; allowed keys are {sorted(allowed)}")
+            raise ConfigError(f"unknown config key(s) [{', '.join(unknown)}]; allowed keys are "
+                              f"{sorted(allowed)}")
         return cls(**data)
 
     @classmethod
@@ -147,16 +150,20 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist; pass a .yaml or .json file")
-        text = path.read_text()
         try:
+            text = path.read_text(encoding="utf-8")
             if path.suffix in (".yaml", ".yml"):
                 data = yaml.load(text, Loader=_Loader)
             elif path.suffix == ".json":
                 data = json.loads(text)
             else:
                 raise ConfigError(f"config file {str(path)!r} is not .yaml, .yml or .json; rename it")
-        except (yaml.YAMLError, json.JSONDecodeError) as e:
-            raise ConfigError(f"config file {str(path)!r} does not parse: {e}") from e
+        except (yaml.YAMLError, ValueError, RecursionError, OSError) as e:
+            # ValueError: not UTF-8, not JSON, or an int of more digits than Python converts
+            # (sys.get_int_max_str_digits); RecursionError: nested deeper than the parser's stack
+            why = " ".join(str(e).split())[:300] or type(e).__name__  # one line: YAML's spans several
+            raise ConfigError(f"config file {str(path)!r} does not parse ({why}); fix or rewrite it"
+                              ) from None
         return cls.from_dict(data if data is not None else {})
 
     def to_dict(self) -> dict[str, Any]:
@@ -205,13 +212,25 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if option is bool and isinstance(value, bool):
             return value
         if option is int and isinstance(value, int) and not isinstance(value, bool):
+            if not -(2**63) <= value < 2**63:  # what torch, numpy and the ledger hold
+                raise ConfigError(f"config field {name!r} = {_shown(value)} is out of range "
+                                  "[-2**63, 2**63); pass a smaller int")
             return value
         if option is float and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
         if option is str and isinstance(value, str):
             return value
     wanted = " or ".join("None" if o is type(None) else o.__name__ for o in options)
-    raise ConfigError(f"config field {name!r} = {value!r} is a {type(value).__name__}; pass {wanted}")
+    raise ConfigError(f"config field {name!r} = {_shown(value)} is a {type(value).__name__}; pass {wanted}")
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut to 80 characters; an int too long to print, by its size."""
+    try:
+        text = repr(value)
+    except ValueError:  # more digits than sys.get_int_max_str_digits() allows to print
+        return f"an int of {value.bit_length()} bits"
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS runs (
 )
 """
 _T = TypeVar("_T")
+_INTEGER = range(-(2**63), 2**63)  # what an SQLite INTEGER holds (sqlite.org/datatype3.html)
 
 
 class LedgerError(ReprokitError, ValueError):
@@ -208,7 +209,8 @@ def _row(manifest: Mapping[str, Any], run_dir: str | Path, *, started: str, stat
     return run_id, {
         "id": run_id, "run_dir": str(Path(run_dir).resolve()), "started": started, "status": status,
         "fingerprint": manifest.get("fingerprint"),
-        "seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+        # a user's config may hold any seed; one SQLite cannot store is left out of the index
+        "seed": seed if type(seed) is int and seed in _INTEGER else None,
         "model": _text(config.get("model")), "dataset": _text(config.get("dataset")),
         "parent": _text(parent.get("run_id") or parent.get("digest")) if isinstance(parent, Mapping)
         else None,
@@ -221,7 +223,14 @@ def _insert(conn: sqlite3.Connection, row: Mapping[str, Any]) -> None:
 
 
 def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+    """``value`` if it is a str SQLite can store: UTF-8, so without a lone surrogate (JSON can spell one)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return None
+    return value
 
 
 def _problem(conn: sqlite3.Connection) -> str | None:
@@ -259,7 +268,8 @@ def rebuild(root: str | Path, path: str | Path | None = None) -> int:
     if not root.is_dir():
         raise LedgerError(f"{str(root)!r} is not a directory; pass the directory holding the run directories")
     target = Path(path) if path is not None else default_ledger_path(root)
-    if target.exists():
+    _check_replaceable(target)
+    if target.exists() or target.is_symlink():
         set_aside(target, "rebuilt")
     ledger = Ledger(target)
     rows: dict[str, dict[str, Any]] = {}
@@ -289,6 +299,21 @@ def rebuild(root: str | Path, path: str | Path | None = None) -> int:
 
     ledger._retry(insert)
     return len(rows)
+
+
+def _check_replaceable(target: Path) -> None:
+    """Refuse a rebuild's target that is not a ledger to set aside: a directory (a run directory,
+    ``..``), or a file that is neither SQLite nor named .sqlite (a manifest.json named by mistake)."""
+    if target.is_dir():
+        raise LedgerError(f"ledger path {str(target)!r} is a directory; pass a .sqlite file path")
+    if target.is_file() and target.suffix != ".sqlite" and not _is_sqlite(target):
+        raise LedgerError(f"{str(target)!r} is neither an SQLite file nor named .sqlite, and a rebuild sets "
+                          "the old file aside; pass a .sqlite file path")
+
+
+def _is_sqlite(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(16) == b"SQLite format 3\0"  # https://www.sqlite.org/fileformat.html
 
 
 @contextmanager
@@ -322,13 +347,36 @@ def runs(path: str | Path | None = None, **filters: Any) -> pd.DataFrame:
     """The ledger at ``path`` (default :func:`default_ledger_path`) as a DataFrame, filtered by
     column equality, e.g. ``runs(status="finished", model="cnn")``.
 
-    A ledger that does not exist yet has no runs: an empty frame, and no file is created.
+    A ledger that does not exist yet, or an empty file, has no runs: an empty frame, and no file is
+    written. A file that is not a ledger is a LedgerError; a reader leaves it where it is (a writer,
+    :class:`Ledger`, sets it aside).
     """
     target = Path(path) if path is not None else default_ledger_path()
-    if not target.exists():
-        _check_filters(filters)
+    _check_filters(filters)
+    if not target.exists() or not _tables(target):
         return _typed(pd.DataFrame([], columns=list(COLUMNS)))
     return Ledger(target).frame(**filters)
+
+
+def _tables(path: Path) -> bool:
+    """Whether the ledger file ``path`` has its table (an empty file has none); a file that is not a
+    ledger (garbage, another program's database, a directory) is a LedgerError naming it."""
+    if not path.is_file():
+        raise LedgerError(f"ledger path {str(path)!r} is not a file; pass a .sqlite file path")
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT)
+    try:
+        found = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        problem = _problem(conn) if found else None
+    except sqlite3.DatabaseError as e:
+        if isinstance(e, sqlite3.OperationalError) and _locked(e):
+            raise
+        problem = str(e)
+    finally:
+        conn.close()
+    if problem:
+        raise LedgerError(f"{str(path)!r} is not a ledger ({problem}); pass the ledger file, or write it "
+                          "again from the run directories: reprokit runs --rebuild")
+    return bool(found)
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,14 @@ import pandas as pd
 import torch
 import xxhash
 
-from reprokit import __version__
+from reprokit import __version__, untrusted
 from reprokit.checkout import CODE_DIFF as CODE_DIFF
 from reprokit.checkout import NOT_A_CHECKOUT as NOT_A_CHECKOUT
 from reprokit.checkout import CodeState as CodeState
 from reprokit.checkout import code_state as code_state
 from reprokit.checkout import save_code_diff as save_code_diff
 from reprokit.digests import source_digest, tensor_digest
-from reprokit.errors import ReprokitError
+from reprokit.errors import ConfigError, ReprokitError
 from reprokit.seeding import SeedRecord, capture_rng_state
 
 MANIFEST_VERSION = 2
@@ -136,6 +136,7 @@ def build_manifest(
         )
     code = code if code is not None else code_state(repo_dir)
     config_dict = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+    check_recordable(config_dict)
     recording = config.recording_fields() if hasattr(config, "recording_fields") else frozenset()
     manifest: dict[str, Any] = {
         "manifest_version": MANIFEST_VERSION,
@@ -154,6 +155,44 @@ def build_manifest(
     }
     manifest["fingerprint"] = fingerprint(manifest)
     return manifest
+
+
+def check_recordable(config: Mapping[str, Any]) -> None:
+    """Refuse (ConfigError) a config that JSON could hold but reprokit could not read back from the
+    manifest: a key that is not a str, nesting deeper than the manifest's readers take
+    (:data:`reprokit.untrusted.MAX_JSON_DEPTH`, the manifest itself being one level), or an int of
+    more digits than Python converts (``sys.get_int_max_str_digits()``)."""
+    limit = untrusted.MAX_JSON_DEPTH - 1
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), config)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, Mapping | list | tuple):
+            if len(path) >= limit:
+                raise ConfigError(f"{_where(path)} is nested {len(path) + 1} levels deep, deeper than the "
+                                  f"{limit} a manifest holds; flatten the config")
+            items = value.items() if isinstance(value, Mapping) else enumerate(value)
+            for key, item in items:
+                if isinstance(value, Mapping) and not isinstance(key, str):
+                    raise ConfigError(f"{_where(path)} has the key {key!r} ({type(key).__name__}); a "
+                                      "manifest's keys are strings: pass str keys")
+                stack.append(((*path, key), item))
+        elif isinstance(value, int) and not isinstance(value, bool) and not _printable(value):
+            raise ConfigError(f"{_where(path)} is an int of {value.bit_length()} bits, more than the "
+                              f"{sys.get_int_max_str_digits()} digits JSON readers convert; record it as "
+                              "a str")
+
+
+def _where(path: tuple[Any, ...]) -> str:  # config['a'][0]: the first levels of a config entry
+    shown = "".join(f"[{k}]" if isinstance(k, int) else f"[{str(k)[:40]!r}]" for k in path[:4])
+    return f"config{shown}{'...' if len(path) > 4 else ''}"
+
+
+def _printable(value: int) -> bool:
+    try:
+        str(value)
+    except ValueError:  # https://docs.python.org/3/library/stdtypes.html#int-max-str-digits
+        return False
+    return True
 
 
 def data_entry(data: Any, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -306,6 +345,7 @@ def script_manifest(
     checkpoints: they change no bit) and ``overrides`` the ``REPROKIT_*`` variables in force. The
     data section and the tracked objects are added before the first step, with the fingerprint.
     """
+    check_recordable(config)
     manifest: dict[str, Any] = {
         "manifest_version": MANIFEST_VERSION,
         "kind": kind,
@@ -348,6 +388,20 @@ def recipe_differences(stored: Mapping[str, Any], new: Mapping[str, Any]) -> lis
     for key in sorted(flat_a.keys() | flat_b.keys()):
         if key in free or not any(key == k or key.startswith(f"{k}.") for k in _RECIPE_KEYS):
             continue
-        if flat_a.get(key) != flat_b.get(key):
+        if not _same(flat_a.get(key), flat_b.get(key)):
             out.append(f"{key}: {flat_a.get(key)!r} -> {flat_b.get(key)!r}")
     return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of the same JSON kind, at every level: ``True``, ``1`` and ``1.0`` are three recipes
+    (a forged or older manifest's field of another type is a difference, not a match)."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return _kind(a) is _kind(b) and bool(a == b)
+
+
+def _kind(value: Any) -> type:  # bool before int: a bool is an int; a str subclass (TorchVersion) a str
+    return next((kind for kind in (bool, int, float, str) if isinstance(value, kind)), type(value))

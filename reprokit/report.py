@@ -65,10 +65,21 @@ class NotebookRun:
 def load_profile(profile: str, notebooks_dir: Path = NOTEBOOKS_DIR) -> dict[str, dict[str, Any]]:
     """The parameters of each notebook under ``profile``."""
     path = notebooks_dir / PROFILES_FILE
-    profiles = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    try:
+        profiles = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: not UTF-8
+        why = " ".join(str(e).split())[:200]  # one line: YAML's message spans several
+        raise ReportError(f"{path}: does not parse ({why}); fix the file") from None
+    if not isinstance(profiles, dict):
+        raise ReportError(f"{path}: holds a {type(profiles).__name__}, not a mapping of profile names to "
+                          "notebook parameters; fix the file")
     if profile not in profiles:
-        raise ReportError(f"profile {profile!r} is not in {path}; choose one of {sorted(profiles)}")
-    return {name: dict(params or {}) for name, params in (profiles[profile] or {}).items()}
+        raise ReportError(f"profile {profile!r} is not in {path}; choose one of {sorted(map(str, profiles))}")
+    notebooks = profiles[profile] or {}
+    if not isinstance(notebooks, dict) or not all(isinstance(p, dict | None) for p in notebooks.values()):
+        raise ReportError(f"{path}: profile {profile!r} is not a mapping of notebook names to parameter "
+                          "mappings; fix the file")
+    return {str(name): dict(params or {}) for name, params in notebooks.items()}
 
 
 def check_parameters(notebook: Path, parameters: Mapping[str, Any]) -> None:
