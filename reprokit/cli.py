@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from reprokit.errors import ConfigError, ReprokitError
 
 if TYPE_CHECKING:
+    from reprokit.config import TrainConfig
     from reprokit.trainer import RunResult
 
 
@@ -44,6 +45,7 @@ def _train(args: argparse.Namespace) -> int:
 
     config = TrainConfig.from_file(args.config)
     if args.nproc != 1:  # torchrun's ranks run this command without --nproc
+        _check_world(config, args.nproc)
         flags = [*(["--force"] if args.force else []), *_flag("--crash-at-step", args.crash_at_step),
                  *_flag("--crash-during-save", args.crash_during_save)]
         _torchrun(args.nproc, config.threads, ["train", "--config", args.config, "--run-dir", args.run_dir,
@@ -109,6 +111,21 @@ def _resume_ranks(args: argparse.Namespace, changes: dict[str, Any]) -> None:
     flags = [*(f"--set={a}" for a in args.set), *_flag("--threads", args.threads),
              *(["--force"] if args.force else [])]
     _torchrun(world_size, threads, ["resume", str(args.run_dir), *flags])
+
+
+def _check_world(config: TrainConfig, nproc: int) -> None:
+    """Refuse here, once, what every rank would refuse after writing its manifest."""
+    from reprokit.distributed import check_divisible
+    from reprokit.errors import DistributedError
+    from reprokit.runreduce import check_reduction
+
+    if nproc > 1:
+        check_reduction(config.reduction, config.micro_batches, nproc)
+        try:
+            check_divisible(config.batch_size, nproc, config.micro_batches)
+        except DistributedError as e:
+            raise ConfigError(f"--nproc {nproc}: batch_size is the global batch, split over the ranks: "
+                              f"{e}") from None
 
 
 def _flag(name: str, value: Any) -> list[str]:

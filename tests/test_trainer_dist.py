@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +114,23 @@ def test_nproc_under_torchrun_is_refused(tmp_path: Path, monkeypatch: pytest.Mon
     args = ["train", "--config", _config_file(tmp_path, TINY), "--run-dir", str(tmp_path / "run")]
     assert main([*args, "--nproc", "2"]) == 2
     assert "runs under torchrun already (WORLD_SIZE=2); drop --nproc" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("config", "match"), [
+    (TINY.replace(batch_size=33), r"--nproc 2: batch_size is the global batch.*33 is not divisible by world "
+                                  r"size 2"),
+    (TINY.replace(batch_size=36, reduction="canonical", micro_batches=6),
+     r"6 micro-batches cannot run at world size 2.*valid world sizes: \[1, 3, 6\]"),
+])
+def test_nproc_that_cannot_split_the_batch_is_refused_before_launching(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], config: TrainConfig, match: str
+) -> None:
+    """A world size the batch or the micro-batches do not fit exits 2 in this process, once, with
+    nothing written (the ranks would each refuse it after writing a manifest)."""
+    args = ["train", "--config", _config_file(tmp_path, config), "--run-dir", str(tmp_path / "run")]
+    assert main([*args, "--nproc", "2"]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_nproc_2_in_canonical_mode_gives_the_one_process_bits(tmp_path: Path) -> None:
