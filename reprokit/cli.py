@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from reprokit.errors import ConfigError, ReprokitError
 
 if TYPE_CHECKING:
+    from reprokit.config import TrainConfig
     from reprokit.trainer import RunResult
 
 
@@ -55,15 +56,24 @@ def _train(args: argparse.Namespace) -> int:
     from reprokit.trainer import train
 
     config = TrainConfig.from_file(args.config)
+    if args.nproc != 1:  # torchrun's ranks run this command without --nproc
+        _check_world(config, args.nproc)
+        flags = [*(["--force"] if args.force else []), *_flag("--crash-at-step", args.crash_at_step),
+                 *_flag("--crash-during-save", args.crash_during_save)]
+        _torchrun(args.nproc, config.threads, ["train", "--config", args.config, "--run-dir", args.run_dir,
+                                               *flags])
     faults = Faults(crash_at_step=args.crash_at_step, crash_during_save=args.crash_during_save)
     run_dir = Path(args.run_dir)
+    # under torchrun every rank decides here, before Run joins the process group: rank 0 cannot write
+    # a new run's manifest before every rank has looked
     if not (run_dir / MANIFEST).is_file():  # a new run (or one killed before its manifest was written)
         _print_result(train(config, run_dir, faults=faults))
         return 0
     # relaunch = resume: the cluster-requeue idiom (the same command, run again after a kill)
     if (run_dir / RESULT).is_file():
         digest = read_json(run_dir, RESULT).get("final_digest")
-        print(f"run {str(run_dir)!r} already finished (final digest {digest}); nothing to do")
+        if _rank() == "0":
+            print(f"run {str(run_dir)!r} already finished (final digest {digest}); nothing to do")
         return 0
     recorded = read_json(run_dir, MANIFEST).get("config")
     if not isinstance(recorded, dict) or read_json(run_dir, MANIFEST).get("kind") == "script":
@@ -91,13 +101,87 @@ def _resume(args: argparse.Namespace) -> int:
     changes: dict[str, Any] = dict(_assignment(a) for a in args.set)
     if args.threads is not None:
         changes["threads"] = args.threads
+    _resume_ranks(args, changes)
     _print_resumed(resume(args.run_dir, changes=changes, force=args.force))
     return 0
+
+
+def _resume_ranks(args: argparse.Namespace, changes: dict[str, Any]) -> None:
+    """A built-in run trained under torchrun resumes under torchrun at its recorded world size
+    (ddp mode refuses another; `reprokit train --nproc N` moves a canonical run to another N)."""
+    import os
+    from pathlib import Path
+
+    from reprokit.rundir import MANIFEST, RESULT, read_json
+
+    manifest = read_json(args.run_dir, MANIFEST)
+    world_size = (manifest.get("distributed") or {}).get("world_size", 1)
+    # one process; a rank of that relaunch; or finished (resume says so, once)
+    if world_size == 1 or "WORLD_SIZE" in os.environ or (Path(args.run_dir) / RESULT).exists():
+        return
+    threads = changes.get("threads", (manifest.get("config") or {}).get("threads"))
+    flags = [*(f"--set={a}" for a in args.set), *_flag("--threads", args.threads),
+             *(["--force"] if args.force else [])]
+    _torchrun(world_size, threads, ["resume", str(args.run_dir), *flags])
+
+
+def _check_world(config: TrainConfig, nproc: int) -> None:
+    """Refuse here, once, what every rank would refuse after writing its manifest."""
+    from reprokit.distributed import check_divisible
+    from reprokit.errors import DistributedError
+    from reprokit.runreduce import check_reduction
+
+    if nproc > 1:
+        check_reduction(config.reduction, config.micro_batches, nproc)
+        try:
+            check_divisible(config.batch_size, nproc, config.micro_batches)
+        except DistributedError as e:
+            raise ConfigError(f"--nproc {nproc}: batch_size is the global batch, split over the ranks: "
+                              f"{e}") from None
+
+
+def _flag(name: str, value: Any) -> list[str]:
+    return [name, str(value)] if value is not None else []
+
+
+def _torchrun(nproc: Any, threads: Any, argv: list[str]) -> None:
+    """Become ``torchrun --standalone --nproc-per-node N -m reprokit ARGV`` (this interpreter's
+    torchrun, no shell): exec, so a scheduler's SIGTERM reaches torchrun, which passes it to the
+    ranks, and the exit status is torchrun's."""
+    import os
+    from pathlib import Path
+
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ConfigError(f"--nproc {nproc!r} is not a number of processes; pass an int >= 1 "
+                          "(1: train in this process)")
+    if "WORLD_SIZE" in os.environ:
+        raise ConfigError(f"--nproc {nproc} launches torchrun, and this process runs under torchrun already "
+                          f"(WORLD_SIZE={os.environ['WORLD_SIZE']}); drop --nproc")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.is_file():
+        raise ReprokitError(f"--nproc {nproc} needs torchrun next to this interpreter, and {torchrun} does "
+                            "not exist; install torch into this environment (it ships torchrun), or pass "
+                            "--nproc 1")
+    # the ranks' intra-op threads: the config's (torchrun would set 1, with a warning)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if isinstance(threads, int) else {})}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(torchrun, [str(torchrun), "--standalone", "--nproc-per-node", str(nproc), "-m", "reprokit",
+                         *argv], env)
+
+
+def _rank() -> str:
+    """This process's rank under torchrun ("0" outside it): rank 0 speaks for the run (one model)."""
+    import os
+
+    return os.environ.get("RANK", "0")
 
 
 def _print_resumed(result: RunResult) -> None:
     info = result.resume
     assert info is not None
+    if _rank() != "0":
+        return
     for name, why in info.skipped:
         print(f"skipped      {name}: {why}")
     where = f"{info.checkpoint} (step {info.from_step})" if info.checkpoint else "step 0 (nothing valid)"
@@ -241,6 +325,8 @@ def _factor(text: str) -> tuple[str, list[Any]]:
 
 
 def _print_result(result: RunResult) -> None:
+    if _rank() != "0":
+        return
     print(f"run dir      {result.run_dir}")
     print(f"steps        {result.steps}")
     print(f"{result.metric_name:<12} {result.final_metric:.4f}")
@@ -285,13 +371,18 @@ def _parser() -> argparse.ArgumentParser:
                    "same config to resume (relaunching the same command resumes; finished: exit 0)")
     p.add_argument("--force", action="store_true",
                    help="resume a run of another config (the differences are recorded in the manifest)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train with N processes: become `torchrun --standalone --nproc-per-node N -m "
+                   "reprokit train ...` with OMP_NUM_THREADS=threads; the config's reduction says how "
+                   "gradients are combined ('ddp', or 'canonical': the bits of one process); default 1")
     p.add_argument("--crash-at-step", type=int, metavar="K",
                    help="fault injection: SIGKILL right after optimizer step K")
     p.add_argument("--crash-during-save", type=int, metavar="K",
                    help="fault injection: SIGKILL half-way through writing the checkpoint of step K")
     p.set_defaults(func=_train)
     p = sub.add_parser("resume", help="finish a killed run from its newest valid checkpoint (a script "
-                       "run: re-execute its recorded command)")
+                       "run: re-execute its recorded command; a built-in run trained with --nproc N: "
+                       "under torchrun at N ranks)")
     p.add_argument("run_dir", help="the run directory")
     p.add_argument("--threads", type=int, help="resume with this many intra-op threads (needs --force)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -23,6 +23,7 @@ from reprokit.data import DATASETS
 from reprokit.errors import ConfigError
 from reprokit.factories import check_reference, is_factory
 from reprokit.models import LR_SCHEDULES, MODELS, OPTIMIZERS, STRATEGIES
+from reprokit.runreduce import check_reduction
 from reprokit.seeding import SEED_MAX
 from reprokit.seeding import SOURCES as SEED_SOURCES
 
@@ -69,6 +70,10 @@ class TrainConfig:
     finetune: str = "full"  # with init_from: "full", "feature_extraction" (head only) or "two_stage"
     unfreeze_at: int | None = None  # two_stage only: head alone for this many steps, then all; None = half
     backbone_lr_factor: float = 0.1  # two_stage only: the unfrozen backbone learns at lr x this (head at lr)
+    # under `reprokit train --nproc N` (reprokit.runreduce): "ddp" all-reduces in DistributedDataParallel's
+    # order, so each world size gives its own model; "canonical" gives the same bits at every valid N
+    reduction: str = "ddp"  # ddp at one process is exactly the plain loop: no bit changes by default
+    micro_batches: int | None = None  # canonical only: equal micro-batches a batch is cut into, e.g. 8
 
     def seeds(self) -> int | dict[str, int]:
         """What ``Run(seed=...)`` gets: ``seed``, or the per-source mapping when any is set."""
@@ -91,6 +96,7 @@ class TrainConfig:
         _at_least("threads", self.threads, 1)
         _at_least("train_limit", self.train_limit, 1)
         self._check_finetune()
+        self._check_reduction()
         for name in ("num_workers", "eval_every", "digest_every", "trace_every", "checkpoint_every"):
             _at_least(name, getattr(self, name), 0)
         _at_least("keep_last", self.keep_last, 1)
@@ -131,6 +137,15 @@ class TrainConfig:
         if not 0 < self.backbone_lr_factor < math.inf:
             raise ConfigError(f"backbone_lr_factor {self.backbone_lr_factor} must be > 0 and finite; "
                               "pass e.g. 0.1")
+
+    def _check_reduction(self) -> None:
+        check_reduction(self.reduction, self.micro_batches, 1)  # the world size is checked by Run
+        m = self.micro_batches
+        if m is not None and self.batch_size % m:
+            raise ConfigError(
+                f"batch_size {self.batch_size} is not divisible by micro_batches {m}: canonical mode cuts "
+                f"each batch into {m} equal micro-batches; pass a batch_size that is a multiple of {m}"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

@@ -4,6 +4,11 @@ load the data -> Run (seeds, manifest, relaunch = resume) -> build model, optimi
 the loop a user could copy -> evaluate -> finish. Everything a run records, checkpoints and
 restores is Run's; this module only says what to train. ``reprokit.resume`` calls the same
 ``train`` on the run directory with ``resume="required"``.
+
+Under torchrun (``reprokit train --nproc N``) the config's ``reduction`` picks Run's mode: "ddp"
+wraps the model in DistributedDataParallel at N > 1 (Run tracks the inner module); "canonical" runs
+forward and backward once per micro-batch of ``run.micro_batches`` and gives the same bits at every
+valid N, one process included. At one process in ddp mode the loop is the plain one.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
 
 from reprokit.callbacks import Callback
 from reprokit.checkpointreader import verify_run
 from reprokit.config import RECORDING_FIELDS, TrainConfig
 from reprokit.data import DatasetBundle, batches_per_epoch, load_dataset, worker_context
+from reprokit.distributed import world_from_env
 from reprokit.errors import ConfigError
 from reprokit.factories import factory_digests
 from reprokit.faults import NO_FAULTS, Faults
@@ -93,8 +100,17 @@ class Session:
 
 def total_steps(config: TrainConfig, data: DatasetBundle) -> int:
     """Optimizer steps of the run: ``steps``, else whole epochs of ``batch_size`` batches."""
-    per_epoch = batches_per_epoch(len(data.x_train), config.batch_size)
-    return config.steps if config.steps is not None else config.epochs * per_epoch
+    if config.steps is not None:
+        return config.steps
+    size = len(data.x_train)
+    # under N > 1 ranks or micro-batches run.loader drops an incomplete last batch (reprokit.runloader)
+    whole_only = config.reduction == "canonical" or world_from_env().world_size > 1
+    per_epoch = size // config.batch_size if whole_only else batches_per_epoch(size, config.batch_size)
+    if per_epoch == 0:
+        raise ConfigError(f"batch_size {config.batch_size} exceeds the {size} training samples, and an "
+                          "incomplete batch is dropped under torchrun or reduction='canonical'; pass a "
+                          f"batch_size <= {size}")
+    return config.epochs * per_epoch
 
 
 def build(config: TrainConfig, data: DatasetBundle) -> Session:
@@ -162,6 +178,11 @@ def train(
     data = load_data(config)
     total = total_steps(config, data)
     faults.check(config.checkpoint_every, total)
+    ddp_ranks = config.reduction == "ddp" and world_from_env().world_size > 1
+    if ddp_ranks and config.finetune == "two_stage":  # DDP syncs only what is trainable when it is built
+        raise ConfigError("finetune='two_stage' under torchrun with reduction='ddp': DistributedDataParallel "
+                          "would not all-reduce the backbone it unfreezes mid-run; pass "
+                          "reduction='canonical' (with micro_batches), or train in one process")
     if (faults.crash_at_step or faults.crash_during_save) and run_dir is None:
         raise ConfigError("fault injection needs a run directory to resume from; pass run_dir")
     if run_dir is not None:
@@ -184,9 +205,11 @@ def _train(config: TrainConfig, data: DatasetBundle, total: int, path: Path, *,
               checkpoint_seconds=config.checkpoint_seconds, keep_last=config.keep_last,
               async_save=config.async_save, progress=progress, steps=total,
               callbacks=(*callbacks, *finetune_callbacks(config)), faults=faults, kind="builtin",
-              resume=resume, ignore=RECORDING_FIELDS, ledger=recorded, overrides=False, force=force)
+              resume=resume, ignore=RECORDING_FIELDS, ledger=recorded, overrides=False, force=force,
+              reduction=config.reduction, micro_batches=config.micro_batches)
     with run:
         session = build(config, data)  # after Run seeded: the initial weights are the seed's
+        forward = _wrap(run, session)
         if run.resuming:  # a fine-tune's parent must still be the one the run started from
             verify_parent(run._manifest, session.parent, config.init_from)
         run.describe(data=data_entry(data, config.to_dict()), parent=session.parent,
@@ -197,7 +220,7 @@ def _train(config: TrainConfig, data: DatasetBundle, total: int, path: Path, *,
             if config.num_workers else {}
         loader = run.loader(TensorDataset(data.x_train, data.y_train), batch_size=config.batch_size,
                             shuffle=True, num_workers=config.num_workers, digest=False, **workers)
-        _loop(run, session, loader)
+        _loop(run, session, loader, forward)
         run.flush()  # metrics.csv is read back before finish
         rows = _rows(path)
         last = rows[-1]
@@ -213,7 +236,15 @@ def _train(config: TrainConfig, data: DatasetBundle, total: int, path: Path, *,
     )
 
 
-def _loop(run: Run, session: Session, loader: Any) -> None:
+def _wrap(run: Run, session: Session) -> nn.Module:
+    """What the loop calls forward on: in ddp mode under N > 1 ranks the model in
+    DistributedDataParallel (Run tracks, digests and saves the inner module), else the model."""
+    if run.world.world_size == 1 or run.reduction != "ddp":
+        return session.model
+    return DistributedDataParallel(session.model)
+
+
+def _loop(run: Run, session: Session, loader: Any, forward: nn.Module) -> None:
     """The loop of a user's script, with the built-in's loss and evaluation."""
     config, model, optimizer, scheduler, data = (session.config, session.model, session.optimizer,
                                                  session.scheduler, session.data)
@@ -227,8 +258,7 @@ def _loop(run: Run, session: Session, loader: Any) -> None:
     for _ in run.epochs(math.ceil(total / len(loader))):
         for xb, yb in loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
-            loss.backward()
+            loss = _backward(run, forward, loss_fn, xb, yb)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
@@ -237,6 +267,22 @@ def _loop(run: Run, session: Session, loader: Any) -> None:
             if step == total or (config.eval_every and step % config.eval_every == 0):
                 evals = dict(zip(("val_loss", "val_metric"), evaluate(model, data), strict=True))
             run.step(loss=loss, **evals)
+
+
+def _backward(run: Run, forward: nn.Module, loss_fn: Callable[..., torch.Tensor], xb: torch.Tensor,
+              yb: torch.Tensor) -> torch.Tensor:
+    """One batch's forward and backward; returns the loss to record. In canonical mode once per
+    micro-batch, each its mean loss: Run averages their gradients into the batch's mean-loss gradient."""
+    if run.reduction != "canonical":
+        loss = loss_fn(forward(xb), yb)
+        loss.backward()
+        return loss
+    losses = []
+    for mx, my in run.micro_batches(xb, yb):
+        loss = loss_fn(forward(mx), my)
+        loss.backward()
+        losses.append(loss.detach())
+    return torch.stack(losses).mean()  # this rank's micro-batches (all of them in one process)
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
