@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import reprokit
-from reprokit.checkpoint import latest_pointer, list_checkpoints, read_checkpoint, verify_run
+from reprokit.checkpointreader import latest_pointer, list_checkpoints, read_checkpoint, verify_run
 from reprokit.compare import compare_runs
 from reprokit.errors import ReprokitError, RunDirError
 from reprokit.finetuning import lineage, load_parent
