@@ -18,7 +18,7 @@ LAYERS: dict[int, set[str]] = {
     2: {"config", "data", "models", "trainer", "resumer", "finetuning", "transfer", "audit", "compare",
         "stepcauses",
         "causes", "replay", "reproduction", "recovery", "relaunch", "scriptruns", "factories", "study"},
-    3: {"cli", "report", "display", "plots", "trace_plots", "__main__", "__init__"},
+    3: {"cli", "torchlaunch", "report", "display", "plots", "trace_plots", "__main__", "__init__"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 
