@@ -42,7 +42,7 @@ from reprokit.digests import model_digest
 from reprokit.distributed import RANK
 from reprokit.entrypoint import code_root, entry_point
 from reprokit.errors import ConfigError, ReprokitError
-from reprokit.ledger import LedgerEntry
+from reprokit.ledgerentry import LedgerEntry
 from reprokit.overrides import Overrides
 from reprokit.provenance import (
     check_parent,

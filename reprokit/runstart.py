@@ -20,7 +20,7 @@ from reprokit.checkpoint import CheckpointMeta, architecture
 from reprokit.distributed import World
 from reprokit.errors import DistributedError, ReprokitError
 from reprokit.faults import flip_bit
-from reprokit.ledger import LedgerEntry
+from reprokit.ledgerentry import LedgerEntry
 from reprokit.rundir import MANIFEST, RunWriter, read_json
 from reprokit.runloader import RunLoader
 from reprokit.runrecorder import StepRecorder, put_metrics

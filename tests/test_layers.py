@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "reprokit"
 # the primitives know nothing of TrainConfig, the registries or the bundled data
 LAYERS: dict[int, set[str]] = {
     0: {"errors", "diskerrors", "seeding", "globalrng", "stateview", "fingerprints", "digests", "rundir",
-        "ledger",
+        "ledger", "ledgerentry",
         "faults", "trace", "flatsums", "flatkernels", "checkpoint", "checkpointer", "checkpointreader",
         "tensorfile", "directio", "fsio", "provenance", "checkout", "overrides", "entrypoint", "datadigest",
         "callbacks", "differences", "distributed", "distcheckpoint", "runlock", "untrusted"},

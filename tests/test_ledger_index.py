@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import reprokit
-from reprokit.ledger import Ledger, LedgerEntry, rebuild, runs
+from reprokit.ledger import Ledger, rebuild, runs
+from reprokit.ledgerentry import LedgerEntry
 
 
 def _script_run(run_dir: Path, *, steps: int = 3, finish: bool = True) -> str:
