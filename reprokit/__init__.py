@@ -31,7 +31,7 @@ _EXPORTS: dict[str, str] = {
     "tensor_digest": "digests",
     "build_manifest": "provenance",
     "fingerprint": "provenance",
-    "manifest_differences": "provenance",
+    "manifest_differences": "differences",
     "manifest_table": "provenance",
     "Ledger": "ledger",
     "runs": "ledger",
@@ -100,6 +100,7 @@ if TYPE_CHECKING:
     from reprokit.data import DatasetBundle as DatasetBundle
     from reprokit.data import load_dataset as load_dataset
     from reprokit.data import make_loader as make_loader
+    from reprokit.differences import manifest_differences as manifest_differences
     from reprokit.digests import first_divergence as first_divergence
     from reprokit.digests import model_digest as model_digest
     from reprokit.digests import state_digests as state_digests
@@ -122,7 +123,6 @@ if TYPE_CHECKING:
     from reprokit.plots import plot_recovery_ratio as plot_recovery_ratio
     from reprokit.provenance import build_manifest as build_manifest
     from reprokit.provenance import fingerprint as fingerprint
-    from reprokit.provenance import manifest_differences as manifest_differences
     from reprokit.provenance import manifest_table as manifest_table
     from reprokit.recovery import fault_matrix as fault_matrix
     from reprokit.reproduction import Reproduction as Reproduction

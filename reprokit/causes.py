@@ -32,7 +32,8 @@ from typing import Any
 
 import pandas as pd
 
-from reprokit.provenance import CODE_DIFF, manifest_differences
+from reprokit.differences import manifest_differences
+from reprokit.provenance import CODE_DIFF
 from reprokit.stepcauses import Cause as Cause
 from reprokit.stepcauses import step_cause
 

@@ -23,9 +23,9 @@ import pandas as pd
 from reprokit.causes import Cause, attribute_cause, environment_differences, with_replay
 from reprokit.checkpoint import MODEL_KEY, CheckpointError
 from reprokit.checkpointreader import list_checkpoints, read_checkpoint
+from reprokit.differences import manifest_differences
 from reprokit.digests import first_divergence, max_abs_diff
 from reprokit.errors import ReprokitError, RunDirError
-from reprokit.provenance import manifest_differences
 from reprokit.rundir import (
     DIGESTS,
     MANIFEST,

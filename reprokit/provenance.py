@@ -4,8 +4,8 @@ The manifest records the config, every seeding knob, the data, the environment (
 threads, environment variables, installed packages), the code (git commit, branch, dirty diff)
 and the lineage (the parent model a fine-tune starts from). Its ``fingerprint`` is one digest
 over what decides the bits (config, code, data, environment, parent), so "same recipe?" is one
-equality, and :func:`manifest_differences` says why two runs are not the same recipe. The code
-entry comes from :mod:`reprokit.checkout`, whose names are re-exported here.
+equality, and :func:`reprokit.differences.manifest_differences` says why two runs are not the same
+recipe. The code entry comes from :mod:`reprokit.checkout`, whose names are re-exported here.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from reprokit.checkout import NOT_A_CHECKOUT as NOT_A_CHECKOUT
 from reprokit.checkout import CodeState as CodeState
 from reprokit.checkout import code_state as code_state
 from reprokit.checkout import save_code_diff as save_code_diff
+from reprokit.differences import flatten
 from reprokit.digests import source_digest, tensor_digest
 from reprokit.errors import ConfigError, ReprokitError
 from reprokit.seeding import SeedRecord, capture_rng_state
@@ -42,8 +43,6 @@ MANIFEST_VERSION = 2
 # environment variables that change the bits or which device runs; REPROKIT_* are added by prefix
 ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG", "PYTHONHASHSEED",
             "CUDA_VISIBLE_DEVICES")
-# keys that differ between any two runs, so comparing them says nothing about the recipe
-VOLATILE_KEYS = frozenset({"created", "run_id", "fingerprint"})
 # environment entries that can change the bits; variables are left out because REPROKIT_PROGRESS
 # or REPROKIT_LEDGER differ between machines without changing a bit
 _FINGERPRINT_ENVIRONMENT = ("python", "torch", "torchvision", "numpy", "platform", "cpu", "threads",
@@ -280,40 +279,12 @@ def fingerprint(manifest: Mapping[str, Any]) -> str:
     return xxhash.xxh3_128_hexdigest(json.dumps(recipe, sort_keys=True).encode())
 
 
-def manifest_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> pd.DataFrame:
-    """Every leaf two manifests disagree on, as rows ``key`` (dotted path), ``a``, ``b``.
-
-    Run id, creation time and fingerprint are left out (they always differ, or differ exactly
-    when a row does). Packages are compared one by one (``environment.packages.numpy``); a key
-    present in one manifest only has ``None`` on the other side.
-    """
-    flat_a, flat_b = _flatten(a), _flatten(b)
-    rows = [(key, flat_a.get(key), flat_b.get(key)) for key in sorted(flat_a.keys() | flat_b.keys())
-            if key.split(".")[0] not in VOLATILE_KEYS and flat_a.get(key) != flat_b.get(key)]
-    return pd.DataFrame(rows, columns=["key", "a", "b"], dtype=object)
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if prefix == "environment.packages" and isinstance(value, list):
-        value = {name: version for name, _, version in (str(p).partition("==") for p in value)}
-    if isinstance(value, Mapping) and value:
-        items: list[tuple[str, Any]] = [(str(k), v) for k, v in value.items()]
-    elif isinstance(value, list | tuple) and value:
-        items = [(str(i), v) for i, v in enumerate(value)]
-    else:
-        return {prefix: value}
-    flat: dict[str, Any] = {}
-    for key, item in items:
-        flat.update(_flatten(item, f"{prefix}.{key}" if prefix else key))
-    return flat
-
-
 def manifest_table(manifest: Mapping[str, Any]) -> pd.DataFrame:
     """A manifest to read rather than parse: rows ``section``, ``field``, ``value``, one per leaf,
     with the package list summarised by its count and digest (``manifest_differences`` lists
     packages one by one when two manifests disagree)."""
     rows = []
-    for key, value in _flatten(manifest).items():
+    for key, value in flatten(manifest).items():
         section, _, name = key.partition(".")
         if key.startswith("environment.packages."):
             continue
@@ -365,43 +336,3 @@ def script_manifest(
     }
     manifest["fingerprint"] = fingerprint(manifest)
     return manifest
-
-
-# what must be equal for a relaunch to continue a user's run: the recipe, not how it is recorded
-_RECIPE_KEYS = ("config", "seeding.seed", "seeding.sources", "seeding.deterministic", "seeding.threads",
-                "code.commit", "code.diff_digest", "code.reprokit_source", "entry.script_digest",
-                "entry.module", "entry.argv", "environment.python", "environment.torch",
-                "environment.numpy", "environment.packages_digest", "distributed.world_size",
-                "distributed.reduction", "distributed.backend", "distributed.micro_batches")
-
-
-def recipe_differences(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """``key: old -> new`` for every recipe entry of two script manifests that differs.
-
-    ``entry.argv[0]`` (how the script was named on the command line) does not count.
-    """
-    flat_a, flat_b = _flatten(stored), _flatten(new)
-    # in canonical mode the world size decides no bit (as in fingerprint())
-    canonical = flat_a.get("distributed.reduction") == flat_b.get("distributed.reduction") == "canonical"
-    free = {"entry.argv.0", *(("distributed.world_size", "distributed.backend") if canonical else ())}
-    out = []
-    for key in sorted(flat_a.keys() | flat_b.keys()):
-        if key in free or not any(key == k or key.startswith(f"{k}.") for k in _RECIPE_KEYS):
-            continue
-        if not _same(flat_a.get(key), flat_b.get(key)):
-            out.append(f"{key}: {flat_a.get(key)!r} -> {flat_b.get(key)!r}")
-    return out
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal and of the same JSON kind, at every level: ``True``, ``1`` and ``1.0`` are three recipes
-    (a forged or older manifest's field of another type is a difference, not a match)."""
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return _kind(a) is _kind(b) and bool(a == b)
-
-
-def _kind(value: Any) -> type:  # bool before int: a bool is an int; a str subclass (TorchVersion) a str
-    return next((kind for kind in (bool, int, float, str) if isinstance(value, kind)), type(value))

@@ -37,7 +37,7 @@ from reprokit.checkpoint import (
     clean_temporaries,
 )
 from reprokit.checkpointreader import check_compatible, list_checkpoints, read_checkpoint
-from reprokit.differences import config_differences
+from reprokit.differences import config_differences, recipe_differences
 from reprokit.digests import model_digest
 from reprokit.distributed import RANK
 from reprokit.entrypoint import code_root, entry_point
@@ -48,7 +48,6 @@ from reprokit.provenance import (
     check_parent,
     code_state,
     fingerprint,
-    recipe_differences,
     save_code_diff,
     script_manifest,
 )

@@ -19,9 +19,10 @@ from torch import nn
 
 import reprokit
 from reprokit.config import TrainConfig
+from reprokit.differences import recipe_differences
 from reprokit.errors import ConfigError
 from reprokit.ledger import runs
-from reprokit.provenance import check_recordable, recipe_differences
+from reprokit.provenance import check_recordable
 from reprokit.rundir import read_json
 
 _FUZZ = settings(max_examples=100, deadline=None, derandomize=True,

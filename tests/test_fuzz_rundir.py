@@ -28,10 +28,11 @@ from torch.utils.data import TensorDataset
 import reprokit
 from reprokit.checkpointreader import latest_pointer, list_checkpoints, read_checkpoint, verify_run
 from reprokit.compare import compare_runs
+from reprokit.differences import manifest_differences
 from reprokit.errors import ReprokitError, RunDirError
 from reprokit.finetuning import lineage, load_parent
 from reprokit.ledger import rebuild, runs
-from reprokit.provenance import manifest_differences, manifest_table
+from reprokit.provenance import manifest_table
 from reprokit.rundir import (
     read_digests,
     read_fingerprints,

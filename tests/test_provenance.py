@@ -18,14 +18,8 @@ from reprokit import checkout, provenance
 from reprokit.checkout import CODE_DIFF, NOT_A_CHECKOUT, code_state, save_code_diff
 from reprokit.config import TrainConfig
 from reprokit.data import load_dataset
-from reprokit.provenance import (
-    ProvenanceError,
-    build_manifest,
-    fingerprint,
-    manifest_differences,
-    manifest_table,
-    recipe_differences,
-)
+from reprokit.differences import manifest_differences, recipe_differences
+from reprokit.provenance import ProvenanceError, build_manifest, fingerprint, manifest_table
 from reprokit.seeding import seed_everything
 
 CONFIG = TrainConfig(model="mlp", steps=5, threads=1)
