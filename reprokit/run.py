@@ -49,8 +49,9 @@ from reprokit.digests import combine_digests, state_digests
 from reprokit.distributed import leave_process_group, rank_seed
 from reprokit.errors import ConfigError, DataError, ReprokitError
 from reprokit.faults import NO_FAULTS, Faults, kill_self
+from reprokit.loaderoptions import loader_arguments, with_workers
 from reprokit.overrides import Overrides, read_overrides
-from reprokit.runloader import RunLoader, loader_arguments, with_workers
+from reprokit.runloader import RunLoader
 from reprokit.runrecorder import StepRecorder, csv_row, loss_value, number, put_metrics
 from reprokit.runreduce import CanonicalReduction, check_reduction
 from reprokit.runresume import (
