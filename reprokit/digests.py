@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,61 @@ def named_digests(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]
             h.update(_chars(size).from_address(t.data_ptr()))
         out[name] = h.hexdigest()
     return out
+
+
+class DigestMemo:
+    """:func:`named_digests` for the tensors a run digests at every step: the same values, with
+    the per-tensor work that does not change from step to step done once.
+
+    Two things are remembered per name. For a tensor met again (the same object at the same
+    address, shape and layout: a parameter between two updates), its header and the ctypes array
+    over its memory, so hashing it is the only work left. For a new tensor under a known name, dtype
+    and shape (a gradient: ``zero_grad`` drops it and backward makes a new one), its header and
+    array type. The tensor itself is held only by a weak reference: the memo never keeps memory
+    alive. A step's digests pay these Python-level calls per tensor right after the training step
+    has evicted them from the caches, which makes them several times dearer than in a loop of their own.
+    """
+
+    def __init__(self) -> None:
+        # weak ref, address, shape, dtype, head, array
+        self._same: dict[str, tuple[Any, int, torch.Size, torch.dtype, bytes, Any]] = {}
+        # dtype, shape, head, array type, whether complex
+        self._kind: dict[str, tuple[torch.dtype, torch.Size, bytes, Any, bool]] = {}
+
+    def digests(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:
+        """``{name: tensor_digest(name, t)}`` for every pair, in order."""
+        out = {}
+        same, kind, xxh3_128 = self._same, self._kind, xxhash.xxh3_128
+        for name, t in tensors:
+            seen = same.get(name)
+            if seen is not None and seen[0]() is t and t.data_ptr() == seen[1] and t.shape == seen[2] \
+                    and t.dtype is seen[3] and t.is_contiguous() and not t.is_neg():
+                h = xxh3_128(seen[4])
+                if seen[5] is not None:
+                    h.update(seen[5])
+                out[name] = h.hexdigest()
+                continue
+            known = kind.get(name)
+            if known is not None and t.dtype is known[0] and t.shape == known[1] and t.is_cpu \
+                    and t.layout is _STRIDED and t.is_contiguous() and not t.is_neg() \
+                    and not (known[4] and t.is_conj()):
+                head, chars = known[2], known[3]
+            else:
+                head = _head(name, t)
+                if not _plain(t):
+                    h = xxh3_128(head)
+                    update_with_tensor(h, t)
+                    out[name] = h.hexdigest()
+                    continue
+                chars = _chars(t.nbytes)
+                kind[name] = (t.dtype, t.shape, head, chars, t.is_complex())
+            array = chars.from_address(t.data_ptr()) if t.nbytes else None
+            h = xxh3_128(head)
+            if array is not None:
+                h.update(array)
+            out[name] = h.hexdigest()
+            same[name] = (weakref.ref(t), t.data_ptr(), t.shape, t.dtype, head, array)
+        return out
 
 
 def state_digests(state: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, str]:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import xxhash
 
-from reprokit.digests import named_digests, update_with_tensor
+from reprokit.digests import DigestMemo, named_digests, update_with_tensor
 from reprokit.globalrng import global_streams
 
 FINGERPRINTS = "fingerprints.csv"
@@ -132,11 +132,12 @@ def loss_bits(value: float) -> str:
     return struct.pack(">d", value).hex()
 
 
-def grad_digests(parameters: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Per-tensor digests of the parameters' ``.grad`` (:data:`NO_GRAD` where there is none)."""
+def grad_digests(parameters: Mapping[str, torch.Tensor], memo: DigestMemo | None = None) -> dict[str, str]:
+    """Per-tensor digests of the parameters' ``.grad`` (:data:`NO_GRAD` where there is none);
+    ``memo`` remembers what it can from step to step (:class:`reprokit.digests.DigestMemo`)."""
     grads = [(name, p.grad) for name, p in parameters.items()]
     present = [(name, g) for name, g in grads if g is not None]
-    digests = named_digests(present)
+    digests = memo.digests(present) if memo is not None else named_digests(present)
     if len(present) == len(grads):
         return digests
     return {name: digests.get(name, NO_GRAD) for name, _ in grads}

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from reprokit.digests import combine_digests, state_digests
+from reprokit.digests import DigestMemo, combine_digests, state_digests
 from reprokit.errors import ReprokitError
 from reprokit.fingerprints import BatchHasher, grad_digests, loss_bits, stream_digests
 from reprokit.rundir import METRIC_COLUMNS, RunWriter
@@ -42,6 +42,7 @@ class StepRecorder:
         self._grads: dict[str, str] | None = None
         self._init_digests: dict[str, str] | None = None
         self._init_streams: dict[str, str] | None = None
+        self._params_memo, self._grads_memo = DigestMemo(), DigestMemo()
 
     def expect(self, upcoming: int, *, loaders: bool) -> None:
         """After a step (or the start): is step ``upcoming`` recorded? Then gather what goes into it."""
@@ -69,7 +70,7 @@ class StepRecorder:
         """The optimizer's step pre-hook: the gradients are complete, not yet applied."""
         if self._grads is None and self._grads_due():
             began = time.perf_counter()
-            self._grads = grad_digests(self._view().parameters())
+            self._grads = grad_digests(self._view().parameters(), self._grads_memo)
             self.hook_seconds["update"] += time.perf_counter() - began
 
     def take_init(self, module_state: Mapping[str, torch.Tensor]) -> None:
@@ -91,7 +92,7 @@ class StepRecorder:
         """A step's row (and, when recorded, its digests and fingerprint); returns the digests."""
         digests = None
         if self.recording:
-            digests = state_digests(self._view().tensors())
+            digests = self._params_memo.digests(self._view().tensors().items())
             row["digest"] = combine_digests(digests)
         files.step(csv_row(row), digests)
         if self.recording:
@@ -103,7 +104,7 @@ class StepRecorder:
 
     def _write_fingerprint(self, files: RunWriter, step: int, loss: float | None) -> None:
         if self._grads is None and self._grads_due():  # no tracked optimizer's pre-hook took them
-            self._grads = grad_digests(self._view().parameters())
+            self._grads = grad_digests(self._view().parameters(), self._grads_memo)
         indices, batch = self._hasher.digests() if self._hasher is not None else ("", "")
         streams = self._streams if self._streams is not None else stream_digests()
         grads = self._grads

@@ -9,7 +9,7 @@ import torch
 import xxhash
 from torch import nn
 
-from reprokit.digests import named_digests, state_digests, tensor_digest
+from reprokit.digests import DigestMemo, named_digests, state_digests, tensor_digest
 from reprokit.fingerprints import NO_GRAD, grad_digests
 
 
@@ -94,3 +94,44 @@ def test_a_tensor_reshaped_in_place_gets_its_new_header() -> None:
     p.data = p.data.reshape(2, 3)
     second = named_digests([("p", p)])["p"]
     assert first != second and second == _reference("p", p)
+
+
+@pytest.mark.parametrize("kind", sorted(TENSORS))
+def test_the_memo_gives_the_reference_digest_every_time(kind: str) -> None:
+    """DigestMemo: the first, the remembered and the changed-in-place tensor: each the reference digest."""
+    torch.manual_seed(0)
+    tensor, memo = TENSORS[kind](), DigestMemo()
+    assert memo.digests([("t", tensor)]) == {"t": _reference("t", tensor)}
+    assert memo.digests([("t", tensor)]) == {"t": _reference("t", tensor)}
+    if tensor.numel() and not tensor.requires_grad and tensor.dtype.is_floating_point:
+        tensor.detach().mul_(2)  # an update in place: the same object, new bytes
+        assert memo.digests([("t", tensor)]) == {"t": _reference("t", tensor)}
+
+
+def test_the_memo_follows_a_parameter_whose_data_is_replaced() -> None:
+    """p.data replaced (new memory; same memory as another dtype; a transposed view): never the old digest."""
+    torch.manual_seed(0)
+    p, memo = nn.Parameter(torch.randn(4, 4), requires_grad=False), DigestMemo()
+    memo.digests([("p", p)])
+    replacements = (lambda d: d.clone() + 1, lambda d: d.view(torch.int32), lambda d: d.t(),
+                    lambda d: torch._neg_view(d.contiguous()), lambda d: d.contiguous().reshape(2, 8))
+    for replace in replacements:
+        p.data = replace(p.data)
+        assert memo.digests([("p", p)]) == {"p": _reference("p", p)}
+        assert memo.digests([("p", p)]) == {"p": _reference("p", p)}
+
+
+def test_the_memo_digests_each_new_gradient() -> None:
+    """Gradients made anew every step under one name (zero_grad drops them): each its own reference digest,
+    also when one comes back non-contiguous or as a strided slice."""
+    torch.manual_seed(0)
+    model, memo = nn.Linear(3, 2), DigestMemo()
+    for step in range(4):
+        model.zero_grad()
+        model(torch.randn(5, 3)).sum().backward()
+        params = dict(model.named_parameters())
+        if step == 2:
+            params["weight"].grad = torch.randn(3, 2).t()
+        if step == 3:
+            params["bias"].grad = torch.randn(4)[::2]
+        assert grad_digests(params, memo) == {n: _reference(n, p.grad) for n, p in params.items()}

@@ -14,7 +14,7 @@ LAYERS: dict[int, set[str]] = {
         "tensorfile", "directio", "fsio", "provenance", "checkout", "overrides", "entrypoint", "datadigest",
         "callbacks", "differences", "distributed", "distcheckpoint", "runlock", "untrusted"},
     1: {"run", "runloader", "runresume", "runrecorder", "runtracked", "runsettings", "runstart", "runstop",
-        "runsnapshot", "runworld", "runreduce", "loaderoptions"},
+        "runsnapshot", "runworld", "runreduce", "loaderoptions", "runend"},
     2: {"config", "data", "models", "trainer", "resumer", "finetuning", "transfer", "audit", "compare",
         "stepcauses",
         "causes", "replay", "reproduction", "recovery", "relaunch", "scriptruns", "factories", "study"},
