@@ -9,35 +9,21 @@ Two torchrun launches; each is bounded by a deadline that kills torchrun and eve
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launching import launch, torchrun
 
 FIXTURE = Path(__file__).parent / "fixtures" / "canonical" / "canonical_digits.py"
-REPO = Path(__file__).parents[1]
 DEADLINE = 180.0  # seconds for one launch (~5 s at 2 ranks, ~11 s at 4 on an idle 2-core machine)
-_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _launch(run_dir: Path, *args: str, nproc: int | None, restarts: int = 0, **env: str) -> tuple[int, str]:
     """The fixture under torchrun with ``nproc`` ranks (plain python when None): exit status, output."""
-    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node",
-                str(nproc), "--max-restarts", str(restarts)] if nproc else [sys.executable]
-    environ = {k: v for k, v in os.environ.items() if k not in _DIST_VARS and not k.startswith("REPROKIT_")}
-    proc = subprocess.Popen([*torchrun, str(FIXTURE), str(run_dir), *args], cwd=REPO, text=True,
-                            env={**environ, "OMP_NUM_THREADS": "1", "REPROKIT_PROGRESS": "0", **env},
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        output, _ = proc.communicate(timeout=DEADLINE)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its ranks
-        output, _ = proc.communicate()
-        pytest.fail(f"the launch did not finish in {DEADLINE} s:\n{output}")
-    return proc.returncode, output
+    command = torchrun(nproc, restarts=restarts) if nproc else [sys.executable]
+    return launch([*command, str(FIXTURE), str(run_dir), *args], deadline=DEADLINE,
+                  env={"OMP_NUM_THREADS": "1", **env})
 
 
 def _rank_dirs(run_dir: Path, n: int) -> list[Path]:

@@ -9,40 +9,26 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from launching import launch
 
 from reprokit import TrainConfig, train
 from reprokit.cli import main
 from reprokit.errors import ConfigError
 
-REPO = Path(__file__).parents[1]
 DEADLINE = 180.0  # seconds for one launch (~7 s at 2 ranks on an idle 2-core machine)
-_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 TINY = TrainConfig(model="mlp", steps=8, batch_size=32, threads=1, checkpoint_every=4)
 CANONICAL = TINY.replace(reduction="canonical", micro_batches=4)
 
 
 def _launch(*args: str) -> tuple[int, str]:
     """``python -m reprokit ARGS`` in a new session: exit status, output."""
-    environ = {k: v for k, v in os.environ.items() if k not in _DIST_VARS and not k.startswith("REPROKIT_")}
-    proc = subprocess.Popen([sys.executable, "-m", "reprokit", *args], cwd=REPO, text=True,
-                            env={**environ, "REPROKIT_PROGRESS": "0"}, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        output, _ = proc.communicate(timeout=DEADLINE)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its ranks
-        output, _ = proc.communicate()
-        pytest.fail(f"the launch did not finish in {DEADLINE} s:\n{output}")
-    return proc.returncode, output
+    return launch([sys.executable, "-m", "reprokit", *args], deadline=DEADLINE)
 
 
 def _config_file(tmp_path: Path, config: TrainConfig) -> str:
