@@ -122,6 +122,7 @@ class Run(RunStart):
     ) -> None:
         started = time.perf_counter()
         env = read_overrides() if overrides else Overrides(progress=read_overrides().progress)
+        reduction, micro_batches = env.reduce(reduction, micro_batches)  # REPROKIT_REDUCTION wins
         cfg = resolve_settings(
             env, run_dir, seed=seed, threads=threads, deterministic=deterministic, digest_every=digest_every,
             grad_digest_every=grad_digest_every, trace_every=trace_every, checkpoint_every=checkpoint_every,

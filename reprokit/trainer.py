@@ -222,11 +222,11 @@ def _train(config: TrainConfig, data: DatasetBundle, total: int, path: Path, *,
                             shuffle=True, num_workers=config.num_workers, digest=False, **workers)
         _loop(run, session, loader, forward)
         run.flush()  # metrics.csv is read back before finish
-        rows = _rows(path)
+        rows = _rows(run.path)  # this rank's: under torchrun rank r records in RUN_DIR/ranks/rank-r
         last = rows[-1]
         summary = run.finish(result={"final_val_loss": last["val_loss"]},
                              **{metric_name(data): last["val_metric"], "val_loss": last["val_loss"]})
-    history = read_digests(path)  # closed by finish: complete
+    history = read_digests(run.path)  # closed by finish: complete
     return RunResult(
         config=config, seed_record=run.seeds, data_digest=data.digest, metric_name=metric_name(data),
         final_metric=rows[-1]["val_metric"], final_val_loss=rows[-1]["val_loss"],
