@@ -215,7 +215,7 @@ def _train(config: TrainConfig, data: DatasetBundle, total: int, path: Path, *,
         run.describe(data=data_entry(data, config.to_dict()), parent=session.parent,
                      factories=factory_digests(config.model, config.dataset))
         scheduler = {"scheduler": session.scheduler} if session.scheduler is not None else {}
-        run.track(model=session.model, optimizer=session.optimizer, **scheduler)
+        run.track(model=forward, optimizer=session.optimizer, **scheduler)  # a DDP: its settings recorded
         workers = {"multiprocessing_context": worker_context(), "persistent_workers": True} \
             if config.num_workers else {}
         loader = run.loader(TensorDataset(data.x_train, data.y_train), batch_size=config.batch_size,
