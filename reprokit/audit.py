@@ -9,21 +9,16 @@ per-step digests part. A command, or a function, runs as a subprocess per run
 
 Two factors the audit applies itself: ``world_size`` N launches the run under ``torchrun
 --standalone --nproc-per-node N`` (a config through ``reprokit train --nproc N``; N = 1 is one plain
-process, as ``--nproc 1`` is), and ``reduction`` (``ddp`` or ``canonical``) sets the config field or,
-for a command, ``REPROKIT_REDUCTION`` (:mod:`reprokit.overrides`); ``micro_batches`` goes with it.
+process, as ``--nproc 1`` is: :mod:`reprokit.worldruns`), and ``reduction`` (``ddp`` or
+``canonical``) sets the config field or, for a command, ``REPROKIT_REDUCTION``
+(:mod:`reprokit.overrides`); ``micro_batches`` goes with it.
 :func:`world_size_effect` then says, per reduction mode, whether the world size changed the bits.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import multiprocessing
-import os
-import shlex
-import signal
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -42,28 +37,15 @@ from reprokit.config import TrainConfig
 from reprokit.digests import first_divergence, max_abs_diff
 from reprokit.distributed import check_divisible
 from reprokit.errors import ConfigError, DistributedError
-from reprokit.overrides import VARIABLES
 from reprokit.runreduce import check_reduction
-from reprokit.scriptruns import (
-    DEFAULT_TIMEOUT,
-    ScriptRun,
-    ScriptRunError,
-    command_env,
-    factor_variable,
-    failure,
-    read_script_run,
-    resolve_command,
-    run_command,
-)
+from reprokit.scriptruns import DEFAULT_TIMEOUT, ScriptRun, command_env, factor_variable, resolve_command
 from reprokit.trainer import RunResult, show_progress, train
+from reprokit.worldruns import launch_command, launch_training
 
 FACTORS = ("threads", "deterministic", "num_workers")  # the factors the issue asks for, at least
 # what a command's reduction factors set (the audit passes them itself: ddp takes no micro-batches)
 _REDUCTION_VARIABLES = {"reduction": "REPROKIT_REDUCTION", "micro_batches": "REPROKIT_MICRO_BATCHES"}
 WORLD_SIZE = "world_size"  # the factor that launches a run under torchrun with that many ranks
-# torchrun's variables of a process that is itself a rank: a launched torchrun must not inherit them
-_DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                   "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 NONE = "none"  # the ``changed`` value of runs with every factor at its base value
 _RESULT_COLUMNS = ("seed", "repeat", "changed", "final_metric", "metric", "final_digest", "identical",
                    "max_abs_diff", "diverged_step", "diverged_tensors", "cause", "seconds", "losses")
@@ -156,7 +138,7 @@ def audit_determinism(
             calls = [partial(_run_one, _job_config(config, j), work / j.name, j.world_size, timeout)
                      for j in jobs_list]
             return _table(jobs_list, _run_all(calls, cores, jobs, progress, _spawn_pool))
-        runs = [partial(_run_command, command, _job_env(work / j.name, j), j.world_size, timeout)
+        runs = [partial(launch_command, command, _job_env(work / j.name, j), j.world_size, timeout=timeout)
                 for j in jobs_list]
         return _table(jobs_list, _run_all(runs, cores, jobs, progress, ThreadPoolExecutor))
 
@@ -171,15 +153,14 @@ def _job_config(config: TrainConfig, job: _Job) -> TrainConfig:
 
 
 def _job_env(run_dir: Path, job: _Job) -> dict[str, str]:
-    """A command's environment: the contract's variables for the seed and factors; the reduction
-    mode's (mode ddp with no micro-batch count), never a parent torchrun's."""
+    """A command's environment: the contract's variables for the seed and factors, and the reduction
+    mode's (mode ddp with no micro-batch count)."""
     factors = {n: v for n, v in job.factors if n != WORLD_SIZE and n not in _REDUCTION_VARIABLES}
     reduction = dict(job.factors)
     if reduction.get("reduction") == "ddp":
         reduction.pop("micro_batches", None)
     extra = {_REDUCTION_VARIABLES[n]: str(v) for n, v in reduction.items() if n in _REDUCTION_VARIABLES}
-    env = command_env(run_dir, seed=job.seed, factors=factors, extra=extra)
-    return {k: v for k, v in env.items() if k not in _DIST_VARIABLES}
+    return command_env(run_dir, seed=job.seed, factors=factors, extra=extra)
 
 
 def _table(jobs_list: list[_Job], results: Sequence[RunResult | ScriptRun]) -> pd.DataFrame:
@@ -340,41 +321,7 @@ def _run_one(config: TrainConfig, run_dir: Path, world_size: int = 1,
     """A config's run: here (in a pool worker), or at N > 1 ranks as ``reprokit train --nproc N``."""
     if world_size == 1:
         return train(config, run_dir, progress=False)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    config_file = run_dir.with_name(f"{run_dir.name}.json")
-    config_file.write_text(json.dumps(config.to_dict()))
-    env = {k: v for k, v in os.environ.items() if k not in VARIABLES and k not in _DIST_VARIABLES}
-    return _launch([sys.executable, "-m", "reprokit", "train", "--config", str(config_file), "--run-dir",
-                    str(run_dir), "--nproc", str(world_size)], {**env, "REPROKIT_PROGRESS": "0"}, run_dir,
-                   timeout)
-
-
-def _run_command(command: list[str], env: dict[str, str], world_size: int, timeout: float) -> ScriptRun:
-    """A command's run: as it is in one process, under torchrun at N > 1 ranks (``--no-python``:
-    the command's own interpreter and arguments, a script, ``-m`` or ``-c`` alike)."""
-    if world_size == 1:
-        return run_command(command, env, timeout=timeout)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                str(world_size), "--no-python"]  # --standalone: a free port, never a fixed one
-    return _launch([*torchrun, *command], env, Path(env["REPROKIT_RUN_DIR"]), timeout)
-
-
-def _launch(command: list[str], env: Mapping[str, str], run_dir: Path, timeout: float) -> ScriptRun:
-    """Run a torchrun launch to the end in its own session: past ``timeout`` the whole session
-    (torchrun and every rank) is killed, so no rank is left waiting in a collective."""
-    environ = {"OMP_NUM_THREADS": "1", **env}  # what torchrun sets anyway, without its warning
-    proc = subprocess.Popen(command, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise ScriptRunError(f"`{shlex.join(command)}` (run dir {run_dir}) ran longer than {timeout:g} s and "
-                             "was stopped with every rank; pass a larger timeout, or a shorter run") from None
-    if proc.returncode != 0:
-        raise ScriptRunError(failure(command, proc.returncode, stderr, run_dir))
-    return read_script_run(run_dir)
+    return launch_training(config, run_dir, world_size, timeout=timeout)
 
 
 def _cause(reference: Path | None, run: Path | None) -> str | None:
