@@ -72,6 +72,7 @@ _EXPORTS: dict[str, str] = {
     "determinism_verdict": "audit",
     "divergences": "audit",
     "seed_variance": "audit",
+    "world_size_effect": "audit",
     "fault_matrix": "recovery",
     "plot_loss_curves": "plots",
     "plot_metric_distribution": "plots",
@@ -88,6 +89,7 @@ if TYPE_CHECKING:
     from reprokit.audit import determinism_verdict as determinism_verdict
     from reprokit.audit import divergences as divergences
     from reprokit.audit import seed_variance as seed_variance
+    from reprokit.audit import world_size_effect as world_size_effect
     from reprokit.callbacks import Callback as Callback
     from reprokit.callbacks import TrainState as TrainState
     from reprokit.causes import Cause as Cause

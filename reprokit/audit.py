@@ -6,6 +6,13 @@ the first value listed for each factor), repeat 0. Every other run of that seed 
 it by final digest, largest parameter difference and the first step and tensors at which their
 per-step digests part. A command, or a function, runs as a subprocess per run
 (:mod:`reprokit.scriptruns`).
+
+Two factors the audit applies itself: ``world_size`` N launches the run under ``torchrun
+--standalone --nproc-per-node N`` (a config through ``reprokit train --nproc N``; N = 1 is one plain
+process, as ``--nproc 1`` is: :mod:`reprokit.worldruns`), and ``reduction`` (``ddp`` or
+``canonical``) sets the config field or, for a command, ``REPROKIT_REDUCTION``
+(:mod:`reprokit.overrides`); ``micro_batches`` goes with it.
+:func:`world_size_effect` then says, per reduction mode, whether the world size changed the bits.
 """
 
 from __future__ import annotations
@@ -28,18 +35,17 @@ from tqdm.auto import tqdm
 from reprokit.compare import compare_runs
 from reprokit.config import TrainConfig
 from reprokit.digests import first_divergence, max_abs_diff
-from reprokit.errors import ConfigError
-from reprokit.scriptruns import (
-    DEFAULT_TIMEOUT,
-    ScriptRun,
-    command_env,
-    factor_variable,
-    resolve_command,
-    run_command,
-)
+from reprokit.distributed import check_divisible
+from reprokit.errors import ConfigError, DistributedError
+from reprokit.runreduce import check_reduction
+from reprokit.scriptruns import DEFAULT_TIMEOUT, ScriptRun, command_env, factor_variable, resolve_command
 from reprokit.trainer import RunResult, show_progress, train
+from reprokit.worldruns import launch_command, launch_training
 
 FACTORS = ("threads", "deterministic", "num_workers")  # the factors the issue asks for, at least
+# what a command's reduction factors set (the audit passes them itself: ddp takes no micro-batches)
+_REDUCTION_VARIABLES = {"reduction": "REPROKIT_REDUCTION", "micro_batches": "REPROKIT_MICRO_BATCHES"}
+WORLD_SIZE = "world_size"  # the factor that launches a run under torchrun with that many ranks
 NONE = "none"  # the ``changed`` value of runs with every factor at its base value
 _RESULT_COLUMNS = ("seed", "repeat", "changed", "final_metric", "metric", "final_digest", "identical",
                    "max_abs_diff", "diverged_step", "diverged_tensors", "cause", "seconds", "losses")
@@ -55,6 +61,15 @@ class _Job:
     @property
     def threads(self) -> int:
         return int(dict(self.factors).get("threads") or 1)
+
+    @property
+    def world_size(self) -> int:
+        return int(dict(self.factors).get(WORLD_SIZE) or 1)
+
+    @property
+    def cores(self) -> int:
+        """The run's slots of ``jobs``: each of its ranks pins ``threads``."""
+        return self.threads * self.world_size
 
     @property
     def name(self) -> str:
@@ -89,14 +104,19 @@ def audit_determinism(
             varies any field but the seed; a command or function ``threads``, ``deterministic``
             and ``num_workers``, passed as ``REPROKIT_THREADS`` etc. One seed source alone:
             ``seed.init``, ``seed.data_order``, ``seed.augmentation``, ``seed.dropout`` (a
-            config's ``init_seed`` etc.; a command's ``REPROKIT_SEED_INIT`` etc.).
+            config's ``init_seed`` etc.; a command's ``REPROKIT_SEED_INIT`` etc.). Both vary
+            ``world_size`` (N > 1 ranks under torchrun; its base is the first value listed) and
+            ``reduction``/``micro_batches`` (a command's ``REPROKIT_REDUCTION`` and
+            ``REPROKIT_MICRO_BATCHES``, whose loop must branch on ``run.reduction``); in mode ddp
+            ``micro_batches`` is dropped, mode canonical needs one.
         vary_seeds: the seeds on which the ``vary`` combinations run (default: all); the other
             seeds run the base settings only, which keeps a many-seed variance study affordable.
         jobs: runs at once; results do not depend on it (each run pins its own threads).
         progress: one bar over runs; ``None`` follows ``REPROKIT_PROGRESS``.
         work_dir: a command's runs go to a new directory in it (default: a temporary directory,
             deleted afterwards).
-        timeout: seconds a command's run may take before the audit stops it with an error.
+        timeout: seconds a command's run (or a config's at N > 1 ranks) may take before the audit
+            stops it, torchrun and every rank included, with an error.
 
     Returns:
         One row per run: seed, repeat, the factors, ``changed`` (factors off their base value),
@@ -109,18 +129,38 @@ def audit_determinism(
     # a bad function is refused before any run starts
     command = resolve_command(target) if not isinstance(target, TrainConfig) else []
     jobs_list = _plan(config, seeds, repeats, vary or {}, vary_seeds)
-    threads = [j.threads for j in jobs_list]
+    cores = [j.cores for j in jobs_list]
     with tempfile.TemporaryDirectory(prefix="reprokit-audit-") as scratch:
         root = Path(work_dir if work_dir is not None else scratch)
         root.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="audit-", dir=root))  # always fresh: a used run dir resumes
         if config is not None:  # into run directories too: the cause column compares them
-            calls = [partial(_run_one, config.replace(seed=j.seed, **dict(j.factors)), work / j.name)
+            calls = [partial(_run_one, _job_config(config, j), work / j.name, j.world_size, timeout)
                      for j in jobs_list]
-            return _table(jobs_list, _run_all(calls, threads, jobs, progress, _spawn_pool))
-        envs = [command_env(work / j.name, seed=j.seed, factors=dict(j.factors)) for j in jobs_list]
-        runs = [partial(run_command, command, env, timeout=timeout) for env in envs]
-        return _table(jobs_list, _run_all(runs, threads, jobs, progress, ThreadPoolExecutor))
+            return _table(jobs_list, _run_all(calls, cores, jobs, progress, _spawn_pool))
+        runs = [partial(launch_command, command, _job_env(work / j.name, j), j.world_size, timeout=timeout)
+                for j in jobs_list]
+        return _table(jobs_list, _run_all(runs, cores, jobs, progress, ThreadPoolExecutor))
+
+
+def _job_config(config: TrainConfig, job: _Job) -> TrainConfig:
+    """The job's config: its seed and factors (world_size is how it is launched, not a field);
+    mode ddp has no micro-batches."""
+    fields = {**config.to_dict(), **{n: v for n, v in job.factors if n != WORLD_SIZE}, "seed": job.seed}
+    if fields["reduction"] == "ddp":
+        fields["micro_batches"] = None
+    return TrainConfig.from_dict(fields)
+
+
+def _job_env(run_dir: Path, job: _Job) -> dict[str, str]:
+    """A command's environment: the contract's variables for the seed and factors, and the reduction
+    mode's (mode ddp with no micro-batch count)."""
+    factors = {n: v for n, v in job.factors if n != WORLD_SIZE and n not in _REDUCTION_VARIABLES}
+    reduction = dict(job.factors)
+    if reduction.get("reduction") == "ddp":
+        reduction.pop("micro_batches", None)
+    extra = {_REDUCTION_VARIABLES[n]: str(v) for n, v in reduction.items() if n in _REDUCTION_VARIABLES}
+    return command_env(run_dir, seed=job.seed, factors=factors, extra=extra)
 
 
 def _table(jobs_list: list[_Job], results: Sequence[RunResult | ScriptRun]) -> pd.DataFrame:
@@ -165,7 +205,9 @@ def _plan(
     if config is not None and config.threads is None:
         # pin what this process uses, so runs in fresh worker processes use the same count
         config = config.replace(threads=torch.get_num_threads())
-    base = tuple(next(iter(vary[n])) if config is None else getattr(config, n) for n in names)
+    # a config's own value is each factor's base; a command's (and the world size's) the first listed
+    base = tuple(next(iter(vary[n])) if config is None or n == WORLD_SIZE else getattr(config, n)
+                 for n in names)
     # the base combination first, so each seed's reference run is planned before the others
     combos = [base] + [c for c in itertools.product(*(list(vary[n]) for n in names)) if c != base]
     jobs = [
@@ -174,10 +216,21 @@ def _plan(
         for i, combo in enumerate(combos if vary_seeds is None or seed in vary_seeds else combos[:1])
         for repeat in range(repeats)
     ]
-    if config is not None:
-        for job in jobs:  # a bad value is refused now, not in the middle of the audit
-            config.replace(seed=job.seed, **dict(job.factors))
+    for job in jobs:  # a bad value is refused now, not in the middle of the audit
+        _check_world(_job_config(config, job) if config is not None else None, job.world_size)
     return jobs
+
+
+def _check_world(config: TrainConfig | None, world_size: int) -> None:
+    """A config's world size must split its batch (and micro-batches), as ``--nproc`` checks; a
+    command's script checks its own when it starts."""
+    if config is None or world_size == 1:
+        return
+    try:
+        check_reduction(config.reduction, config.micro_batches, world_size)
+        check_divisible(config.batch_size, world_size, config.micro_batches)
+    except DistributedError as e:
+        raise ConfigError(f"vary world_size {world_size}: {e}") from None
 
 
 def _check_runs(seeds: Sequence[int], repeats: int, vary_seeds: Sequence[int] | None) -> None:
@@ -197,14 +250,30 @@ def _check_runs(seeds: Sequence[int], repeats: int, vary_seeds: Sequence[int] | 
 def _check_vary(config: TrainConfig | None, vary: Mapping[str, Sequence[Any]]) -> None:
     fields = set(config.to_dict()) if config is not None else set()
     for name, values in vary.items():
-        if config is None:
-            factor_variable(name)  # refuses a factor a command cannot vary, naming those it can
+        if name == WORLD_SIZE or (config is None and name in _REDUCTION_VARIABLES):
+            pass  # the audit applies these itself
+        elif config is None:
+            try:
+                factor_variable(name)  # refuses a factor a command cannot vary, naming those it can
+            except ConfigError as e:
+                raise ConfigError(f"{e}; or the audit's own {[WORLD_SIZE, *_REDUCTION_VARIABLES]}") from None
         elif name not in fields or name == "seed":
             raise ConfigError(
-                f"cannot vary {name!r}; vary config fields other than seed, e.g. {list(FACTORS)}"
+                f"cannot vary {name!r}; vary config fields other than seed, e.g. {list(FACTORS)}, "
+                f"or {WORLD_SIZE!r}"
             )
         if isinstance(values, str) or not isinstance(values, Iterable) or not list(values):
             raise ConfigError(f"vary[{name!r}] = {values!r} must be a non-empty list of values")
+        if name == WORLD_SIZE and not all(_positive_int(v) for v in values):
+            raise ConfigError(f"vary[{name!r}] = {list(values)!r} must list numbers of ranks, ints >= 1, "
+                              "e.g. [1, 2]")
+        if config is None and name == "reduction" and not set(values) <= {"ddp", "canonical"}:
+            raise ConfigError(f"vary['reduction'] = {list(values)!r}: a reduction mode is 'ddp' or "
+                              "'canonical'")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _spawn_pool(workers: int) -> Executor:
@@ -247,8 +316,12 @@ def _run_all(
     return results
 
 
-def _run_one(config: TrainConfig, run_dir: Path) -> RunResult:
-    return train(config, run_dir, progress=False)
+def _run_one(config: TrainConfig, run_dir: Path, world_size: int = 1,
+             timeout: float = DEFAULT_TIMEOUT) -> RunResult | ScriptRun:
+    """A config's run: here (in a pool worker), or at N > 1 ranks as ``reprokit train --nproc N``."""
+    if world_size == 1:
+        return train(config, run_dir, progress=False)
+    return launch_training(config, run_dir, world_size, timeout=timeout)
 
 
 def _cause(reference: Path | None, run: Path | None) -> str | None:
@@ -321,6 +394,23 @@ def seed_variance(audit: pd.DataFrame) -> pd.DataFrame:
             "ci95_low": mean - half, "ci95_high": mean + half,
             "min": float(values.min()), "max": float(values.max()),
         })
+    return pd.DataFrame(rows)
+
+
+def world_size_effect(audit: pd.DataFrame) -> pd.DataFrame:
+    """Per seed and setting of the other factors (the reduction mode among them): did the world
+    size change the bits? ``final_digests`` counts the distinct final digests over the world sizes
+    (repeats included); ``bitwise_identical`` is "yes" when there is one."""
+    if WORLD_SIZE not in audit.columns:
+        raise ConfigError("the audit did not vary world_size; run it with vary={'world_size': [1, 2]}")
+    others = ["seed", *(c for c in factor_columns(audit) if c != WORLD_SIZE)]
+    rows = []
+    for key, part in audit.groupby(others, sort=False, dropna=False):
+        digests = part["final_digest"].nunique()
+        rows.append({**dict(zip(others, key, strict=True)),
+                     "world_sizes": ", ".join(map(str, sorted(part[WORLD_SIZE].unique()))),
+                     "runs": len(part), "final_digests": int(digests),
+                     "bitwise_identical": "yes" if digests == 1 else "no"})
     return pd.DataFrame(rows)
 
 

@@ -21,6 +21,9 @@ can re-run a user's script with another seed, thread count or kill point without
     REPROKIT_DIGEST_EVERY        per-tensor digests every N steps (0 = off): how the run is recorded
     REPROKIT_TRACE_EVERY         the tracer every N steps (0 = off)
     REPROKIT_CHECKPOINT_EVERY    a checkpoint every N steps (0 = off)
+    REPROKIT_REDUCTION           ddp|canonical: the reduction mode under torchrun (wins over the
+                                   script's; ddp drops the script's micro_batches, which it has none of)
+    REPROKIT_MICRO_BATCHES       canonical mode's micro-batch count, an int >= 1 (wins over the script's)
 
 ``REPROKIT_LEDGER`` (the ledger file, :mod:`reprokit.ledger`) and ``REPROKIT_KERNEL`` (the
 notebooks' kernel) are read elsewhere. A value that does not parse is an error naming the variable.
@@ -42,9 +45,11 @@ _INTS = {"REPROKIT_SEED": 0, "REPROKIT_SEED_INIT": 0, "REPROKIT_SEED_DATA_ORDER"
          "REPROKIT_SEED_AUGMENTATION": 0, "REPROKIT_SEED_DROPOUT": 0, "REPROKIT_THREADS": 1,
          "REPROKIT_NUM_WORKERS": 0,
          "REPROKIT_CRASH_AT_STEP": 1, "REPROKIT_CRASH_DURING_SAVE": 1, "REPROKIT_DIGEST_EVERY": 0,
-         "REPROKIT_TRACE_EVERY": 0, "REPROKIT_CHECKPOINT_EVERY": 0}  # name -> smallest value
+         "REPROKIT_TRACE_EVERY": 0, "REPROKIT_CHECKPOINT_EVERY": 0,
+         "REPROKIT_MICRO_BATCHES": 1}  # name -> smallest value
 _BOOLS = ("REPROKIT_DETERMINISTIC", "REPROKIT_PROGRESS", "REPROKIT_FORCE")
-VARIABLES = ("REPROKIT_RUN_DIR", *_INTS, *_BOOLS, "REPROKIT_FLIP_BIT")
+_REDUCTIONS = ("ddp", "canonical")  # reprokit.runreduce.REDUCTIONS (L1; this module is L0)
+VARIABLES = ("REPROKIT_RUN_DIR", *_INTS, *_BOOLS, "REPROKIT_FLIP_BIT", "REPROKIT_REDUCTION")
 
 
 @dataclass(frozen=True)
@@ -68,10 +73,24 @@ class Overrides:
     trace_every: int | None = None
     checkpoint_every: int | None = None
     flip_bit: tuple[str, int, int] | None = None
+    reduction: str | None = None
+    micro_batches: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The variables that were set, for the manifest."""
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def reduce(self, reduction: str, micro_batches: int | None) -> tuple[str, int | None]:
+        """The reduction mode and micro-batch count a Run uses: the script's, overridden. Mode ddp
+        has no micro-batches, so ``REPROKIT_REDUCTION=ddp`` drops the script's count (a loop that
+        branches on ``run.reduction`` then runs in either mode); canonical mode needs a count."""
+        if self.reduction == "ddp":
+            return "ddp", self.micro_batches  # a count set here too is refused by Run, named
+        count = self.micro_batches or micro_batches
+        if self.reduction == "canonical" and count is None:
+            raise ConfigError("REPROKIT_REDUCTION=canonical, but the script passes no micro_batches; set "
+                              "REPROKIT_MICRO_BATCHES too, e.g. REPROKIT_MICRO_BATCHES=8")
+        return self.reduction or reduction, count
 
 
 def _int(env: Mapping[str, str], name: str, low: int) -> int | None:
@@ -85,6 +104,16 @@ def _int(env: Mapping[str, str], name: str, low: int) -> int | None:
     if value < low:
         raise ConfigError(f"{name}={value} is below {low}; set an integer >= {low}")
     return value
+
+
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str | None:
+    text = env.get(name)
+    if not text:
+        return None
+    if text not in allowed:
+        raise ConfigError(f"{name}={text!r} is not one of {list(allowed)}; set "
+                          + " or ".join(f"{name}={a}" for a in allowed))
+    return text
 
 
 def read_overrides(environ: Mapping[str, str] | None = None) -> Overrides:
@@ -107,6 +136,9 @@ def read_overrides(environ: Mapping[str, str] | None = None) -> Overrides:
         if text.lower() not in _TRUE + _FALSE:
             raise ConfigError(f"{name}={text!r} is not a yes/no value; set {name}=1 or {name}=0")
         values[name.removeprefix("REPROKIT_").lower()] = text.lower() in _TRUE
+    reduction = _choice(env, "REPROKIT_REDUCTION", _REDUCTIONS)
+    if reduction is not None:
+        values["reduction"] = reduction
     flip = env.get("REPROKIT_FLIP_BIT")
     if flip:
         values["flip_bit"] = parse_flip(flip)

@@ -139,7 +139,7 @@ def run_recorded(run_dir: str | Path, target: str | Path, *, force: bool = False
 # points, which fire in a run's first process only, nor the run directory, progress or force)
 _REAPPLIED = ("seed", "seed_init", "seed_data_order", "seed_augmentation", "seed_dropout", "threads",
               "deterministic", "num_workers", "digest_every", "trace_every",
-              "checkpoint_every", "flip_bit")
+              "checkpoint_every", "flip_bit", "reduction", "micro_batches")
 
 
 def _recorded_overrides(run_dir: str | Path) -> dict[str, str]:

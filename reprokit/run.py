@@ -26,7 +26,7 @@ at ``finish``), rank 0 records in the run directory and rank r in ``RUN_DIR/rank
 (``run.path``), each rank's parameter digests are compared with rank 0's after every digest step,
 and a relaunch of the same command continues every rank from the same step. A relaunch at another
 world size is refused. Wrap the model in ``DistributedDataParallel`` after constructing the Run and
-track the inner module.
+track the wrapper (its module is saved; its bucket settings go in the manifest) or the inner module.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ from reprokit.runworld import (
     open_in_rank_order,
     rank_path,
     stop_signal,
+    track_ddp,
 )
 from reprokit.seeding import seed_everything
 from reprokit.trace import Tracer
@@ -117,6 +118,7 @@ class Run(RunEnd):
     ) -> None:
         started = time.perf_counter()
         env = read_overrides() if overrides else Overrides(progress=read_overrides().progress)
+        reduction, micro_batches = env.reduce(reduction, micro_batches)  # REPROKIT_REDUCTION wins
         cfg = resolve_settings(
             env, run_dir, seed=seed, threads=threads, deterministic=deterministic, digest_every=digest_every,
             grad_digest_every=grad_digest_every, trace_every=trace_every, checkpoint_every=checkpoint_every,
@@ -197,7 +199,7 @@ class Run(RunEnd):
         if self._begun:
             raise ReprokitError("run.track() after the run began; track every object before the first "
                                 "run.epochs()/run.step()")
-        self._tracked.add(objects)
+        self._tracked.add(track_ddp(objects, None if self.resuming else self._manifest))
 
     def loader(self, source: Any, *, digest: bool = True, **kwargs: Any) -> RunLoader:
         """A loader whose order and per-sample randomness are a function of (seed, epoch, index),

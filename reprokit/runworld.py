@@ -13,23 +13,25 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from reprokit.distributed import World, init_process_group, nccl_env, world_from_env
 from reprokit.errors import DistributedError
 from reprokit.runresume import RunFinished
 
-__all__ = ["RANKS_DIR", "StepAgreement", "agree_after_step", "agree_step", "agreed_step", "join_world",
-           "manifest_entry", "open_in_rank_order", "rank_path", "stop_signal"]
+__all__ = ["RANKS_DIR", "StepAgreement", "agree_after_step", "agree_step", "agreed_step", "ddp_settings",
+           "join_world", "manifest_entry", "open_in_rank_order", "rank_path", "stop_signal", "track_ddp"]
 
 RANKS_DIR = "ranks"  # RUN_DIR/ranks/rank-R: rank R's private run directory (readers skip it)
 PROCESS_GROUP_TIMEOUT_S = 120.0  # a stalled rank fails the job in 2 minutes, not torch's 30
+_MIB = 1024 * 1024  # DDP's bucket_cap_mb is in MiB (torch/nn/parallel/distributed.py, _MB_TO_BYTES)
 
 T = TypeVar("T")
 
@@ -77,9 +79,41 @@ def manifest_entry(world: World, threads: int | None, dropout_seed: int | None, 
         "dropout_reseeded": dropout_seed,
         **(canonical or {}),
     }
-    if world.backend == "nccl":
-        entry["nccl_env"] = nccl_env()
+    # the NCCL (and cuBLAS) variables decide NCCL's algorithm and so the bits; gloo reads none
+    entry["nccl_env"] = nccl_env() if world.backend == "nccl" else {}
     return entry
+
+
+def ddp_settings(ddp: DistributedDataParallel) -> dict[str, Any]:
+    """What a DDP wrapper was built with that decides how it all-reduces: the bucket size (bytes,
+    and the MiB it came from), the first bucket's size, per-bucket caps when given, and the flags.
+    Read from the wrapper's attributes (torch 2.14's names); one a torch lacks is recorded as None."""
+    cap = getattr(ddp, "bucket_bytes_cap", None)
+    return {
+        "bucket_bytes_cap": cap,
+        "bucket_cap_mb": cap / _MIB if isinstance(cap, int) else None,
+        # the default (bucket_cap_mb=None) starts with a small first bucket (dist._DEFAULT_FIRST_BUCKET_BYTES)
+        "first_bucket_bytes_cap": getattr(getattr(ddp, "_bucket_config", None), "first_bucket_bytes_cap",
+                                          None),
+        "bucket_bytes_cap_list": list(getattr(ddp, "bucket_bytes_cap_list", None) or []),
+        "gradient_as_bucket_view": getattr(ddp, "gradient_as_bucket_view", None),
+        "find_unused_parameters": getattr(ddp, "find_unused_parameters", None),
+        "static_graph": getattr(ddp, "static_graph", None),
+        # torch 2.14 renamed broadcast_buffers; the attribute is forward_sync_buffers
+        "forward_sync_buffers": getattr(ddp, "forward_sync_buffers", getattr(ddp, "broadcast_buffers", None)),
+    }
+
+
+def track_ddp(objects: Mapping[str, Any], manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """``run.track``'s objects with each DistributedDataParallel replaced by the module it wraps
+    (what is digested and saved: the keys without DDP's ``module.`` prefix, the same at every world
+    size), its :func:`ddp_settings` put in ``manifest``'s ``distributed`` entry under ``ddp`` by the
+    tracked name. ``manifest`` None (a relaunch: the first launch's manifest stands) records nothing."""
+    wrapped = {n: o for n, o in objects.items() if isinstance(o, DistributedDataParallel)}
+    entry = manifest.get("distributed") if manifest is not None else None
+    if wrapped and isinstance(entry, dict):
+        entry.setdefault("ddp", {}).update({n: ddp_settings(o) for n, o in wrapped.items()})
+    return {n: o.module if n in wrapped else o for n, o in objects.items()}
 
 
 def open_in_rank_order(world: World, opener: Callable[[], T], close: Callable[[T], None]) -> T:

@@ -215,18 +215,18 @@ def _train(config: TrainConfig, data: DatasetBundle, total: int, path: Path, *,
         run.describe(data=data_entry(data, config.to_dict()), parent=session.parent,
                      factories=factory_digests(config.model, config.dataset))
         scheduler = {"scheduler": session.scheduler} if session.scheduler is not None else {}
-        run.track(model=session.model, optimizer=session.optimizer, **scheduler)
+        run.track(model=forward, optimizer=session.optimizer, **scheduler)  # a DDP: its settings recorded
         workers = {"multiprocessing_context": worker_context(), "persistent_workers": True} \
             if config.num_workers else {}
         loader = run.loader(TensorDataset(data.x_train, data.y_train), batch_size=config.batch_size,
                             shuffle=True, num_workers=config.num_workers, digest=False, **workers)
         _loop(run, session, loader, forward)
         run.flush()  # metrics.csv is read back before finish
-        rows = _rows(path)
+        rows = _rows(run.path)  # this rank's: under torchrun rank r records in RUN_DIR/ranks/rank-r
         last = rows[-1]
         summary = run.finish(result={"final_val_loss": last["val_loss"]},
                              **{metric_name(data): last["val_metric"], "val_loss": last["val_loss"]})
-    history = read_digests(path)  # closed by finish: complete
+    history = read_digests(run.path)  # closed by finish: complete
     return RunResult(
         config=config, seed_record=run.seeds, data_digest=data.digest, metric_name=metric_name(data),
         final_metric=rows[-1]["val_metric"], final_val_loss=rows[-1]["val_loss"],

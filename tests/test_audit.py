@@ -13,7 +13,15 @@ from typing import Any
 
 import pytest
 
-from reprokit import TrainConfig, audit_determinism, determinism_verdict, divergences, seed_variance, train
+from reprokit import (
+    TrainConfig,
+    audit_determinism,
+    determinism_verdict,
+    divergences,
+    seed_variance,
+    train,
+    world_size_effect,
+)
 from reprokit.cli import main
 from reprokit.errors import ConfigError
 from reprokit.scriptruns import ScriptRunError
@@ -235,3 +243,61 @@ def test_bad_functions_are_refused_before_any_run(
     with pytest.raises(ConfigError, match=message):
         audit_determinism(function, [0], 1, work_dir=tmp_path, progress=False)  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []
+
+
+CANONICAL_SCRIPT = [sys.executable, str(FIXTURES / "canonical" / "canonical_digits.py"), "unused"]  # RUN_DIR
+LAUNCH_TIMEOUT = 180.0  # seconds for one torchrun launch (~6 s at 2 ranks on an idle 2-core machine)
+
+
+def test_world_size_keeps_a_canonical_scripts_bits(tmp_path: Path) -> None:
+    """The canonical-mode script at world sizes 1 (one process) and 2 (torchrun): one final digest,
+    and world_size_effect says so; the 2-rank run is a torchrun run (rank 1's directory, world size 2
+    in the manifest)."""
+    audit = audit_determinism(CANONICAL_SCRIPT, [0], 1, {"world_size": [1, 2]}, work_dir=tmp_path,
+                              timeout=LAUNCH_TIMEOUT, progress=False)
+    assert audit[["world_size", "changed"]].values.tolist() == [[1, "none"], [2, "world_size"]]
+    assert audit["identical"].all() and audit["final_digest"].nunique() == 1
+    effect = world_size_effect(audit)
+    columns = ["world_sizes", "final_digests", "bitwise_identical"]
+    assert effect[columns].values.tolist() == [["1, 2", 1, "yes"]]
+    (run_dir,) = tmp_path.glob("audit-*/seed0-world_size2-r0")
+    assert json.loads((run_dir / "manifest.json").read_text())["distributed"]["world_size"] == 2
+    assert (run_dir / "ranks" / "rank-1" / "result.json").is_file()
+
+
+def test_world_size_changes_a_configs_bits_in_ddp_mode_only(tmp_path: Path) -> None:
+    """A config audited over world sizes 1, 2 (``reprokit train --nproc 2``) and both reduction modes:
+    canonical mode gives one digest at both sizes, ddp mode two; ddp drops the config's micro_batches."""
+    config = BASE.replace(model="mlp", reduction="canonical", micro_batches=4)
+    audit = audit_determinism(config, [0], 1, {"world_size": [1, 2], "reduction": ["canonical", "ddp"]},
+                              work_dir=tmp_path, timeout=LAUNCH_TIMEOUT, progress=False)
+    assert sorted(map(tuple, audit[["world_size", "reduction"]].values.tolist())) == [
+        (1, "canonical"), (1, "ddp"), (2, "canonical"), (2, "ddp")]
+    effect = world_size_effect(audit).set_index("reduction")
+    assert effect.loc["canonical", "bitwise_identical"] == "yes"
+    assert effect.loc["ddp", ["final_digests", "bitwise_identical"]].tolist() == [2, "no"]
+    (ddp_run,) = tmp_path.glob("audit-*/seed0-world_size2-reductionddp-r0")
+    manifest = json.loads((ddp_run / "manifest.json").read_text())
+    assert (manifest["config"]["micro_batches"], manifest["distributed"]["world_size"]) == (None, 2)
+
+
+@pytest.mark.parametrize(
+    ("target", "vary", "message"),
+    [
+        (BASE, {"world_size": [0, 2]}, r"must list numbers of ranks, ints >= 1"),
+        (BASE, {"world_size": [True]}, r"must list numbers of ranks"),
+        (BASE, {"world_size": [1, 3]}, r"world_size 3: global batch 32 is not divisible by world size 3"),
+        (BASE, {"reduction": ["ddp", "canonical"]}, r"reduction='canonical' needs micro_batches"),
+        (BASE.replace(reduction="canonical", micro_batches=8), {"world_size": [1, 16]},
+         r"vary world_size 16: reduction='canonical' with 8 micro-batches cannot run at world size 16"),
+        (CANONICAL_SCRIPT, {"reduction": ["canonical", "all"]}, r"a reduction mode is 'ddp' or 'canonical'"),
+        (CANONICAL_SCRIPT, {"micro_batches": [0]}, r"REPROKIT_MICRO_BATCHES=0 is below 1"),
+        (CANONICAL_SCRIPT, {"lr": [0.1]}, r"cannot vary 'lr' for a command.*the audit's own \['world_size'"),
+    ],
+)
+def test_bad_world_factors_are_refused_before_any_run(target: object, vary: dict[str, list[object]],
+                                                      message: str) -> None:
+    """A world size that is no number of ranks or does not split the batch (or the micro-batches), a
+    canonical mode without micro-batches and a bad reduction value are refused before any run."""
+    with pytest.raises(ConfigError, match=message):
+        audit_determinism(target, [0], 1, vary, progress=False)  # type: ignore[arg-type]

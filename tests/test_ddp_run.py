@@ -18,9 +18,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import reprokit
+from reprokit.runworld import ddp_settings, track_ddp
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ddprun" / "ddp_digits.py"
 REPO = Path(__file__).parents[1]
@@ -73,7 +76,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_two_ranks_repeat_bitwise_and_agree(reference: Path, tmp_path: Path) -> None:
     """Two launches at N=2 give the same final digest; each rank records digests equal to rank 0's in its
-    own directory, draws its own dropout stream, and rank 0's manifest names the distributed setup. The
+    own directory, draws its own dropout stream, and rank 0's manifest names the distributed setup (the
+tracked DDP wrapper's bucket size and flags included). The
     second launch also checkpoints every 0.01 s (rank 0 decides: every rank saves the same steps) and
     changes rank 1's weights outside DDP for step 5 only (reported, then put back)."""
     again = tmp_path / "b"
@@ -90,6 +94,13 @@ def test_two_ranks_repeat_bitwise_and_agree(reference: Path, tmp_path: Path) -> 
     keys = ("backend", "world_size", "threads_per_rank", "reduction")
     recorded = {k: manifest["distributed"][k] for k in keys}
     assert recorded == {"backend": "gloo", "world_size": 2, "threads_per_rank": 1, "reduction": "ddp"}
+    # the tracked DistributedDataParallel's settings, as torch built it (bucket_cap_mb=None: 25 MiB)
+    assert manifest["distributed"]["ddp"] == {"model": {
+        "bucket_bytes_cap": 25 * 2**20, "bucket_cap_mb": 25.0, "first_bucket_bytes_cap": 2**20,
+        "bucket_bytes_cap_list": [], "gradient_as_bucket_view": False, "find_unused_parameters": False,
+        "static_graph": False, "forward_sync_buffers": True}}
+    assert manifest["distributed"]["nccl_env"] == {}  # gloo reads no NCCL variable
+    assert manifest["tracked"]["model"] == "Sequential"  # the module inside the wrapper is saved
     torch_streams = [[row["torch"] for row in csv.DictReader((d / "fingerprints.csv").open())]
                      for d in (reference, _rank1(reference))]
     assert all(a != b for a, b in zip(*torch_streams, strict=True))  # rank 1 re-seeded: other dropout masks
@@ -156,3 +167,23 @@ def test_one_process_records_no_world(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "distributed" not in json.loads((tmp_path / "one" / "manifest.json").read_text())
     assert "replica_mismatch" not in _result(tmp_path / "one")
     assert not (tmp_path / "one" / "ranks").exists()
+
+
+def test_ddp_settings_are_read_from_the_wrapper(tmp_path: Path) -> None:
+    """A DDP built with non-default settings is recorded as built: 3 MiB buckets (the first one too),
+    gradients as bucket views, a static graph; tracking it yields the module inside (one process, a
+    FileStore group: no launch)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = nn.Linear(4, 2)
+        ddp = DistributedDataParallel(model, bucket_cap_mb=3, gradient_as_bucket_view=True, static_graph=True)
+        assert ddp_settings(ddp) == {
+            "bucket_bytes_cap": 3 * 2**20, "bucket_cap_mb": 3.0, "first_bucket_bytes_cap": 3 * 2**20,
+            "bucket_bytes_cap_list": [], "gradient_as_bucket_view": True, "find_unused_parameters": False,
+            "static_graph": True, "forward_sync_buffers": True}
+        manifest: dict[str, object] = {"distributed": {"world_size": 1}}
+        assert track_ddp({"model": ddp, "n": 1}, manifest) == {"model": model, "n": 1}
+        assert manifest["distributed"] == {"world_size": 1, "ddp": {"model": ddp_settings(ddp)}}
+        assert track_ddp({"model": ddp}, None) == {"model": model}  # a relaunch records nothing
+    finally:
+        dist.destroy_process_group()

@@ -17,7 +17,8 @@ LAYERS: dict[int, set[str]] = {
         "runsnapshot", "runworld", "runreduce", "loaderoptions", "runend"},
     2: {"config", "data", "models", "trainer", "resumer", "finetuning", "transfer", "audit", "compare",
         "stepcauses",
-        "causes", "replay", "reproduction", "recovery", "relaunch", "scriptruns", "factories", "study"},
+        "causes", "replay", "reproduction", "recovery", "relaunch", "scriptruns", "factories", "study",
+        "worldruns"},
     3: {"cli", "torchlaunch", "report", "display", "plots", "trace_plots", "__main__", "__init__"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}

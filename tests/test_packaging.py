@@ -20,7 +20,8 @@ from reprokit import TrainConfig
 
 ROOT = Path(__file__).parent.parent
 # study settings, not run config
-AUDIT_PARAMETERS = {"factor_seeds", "seeds", "repeats", "vary", "jobs", "profile", "command"}
+AUDIT_PARAMETERS = {"factor_seeds", "seeds", "repeats", "vary", "jobs", "profile", "command",
+                    "world_sizes", "world_steps"}  # the world-size section: vary world_size, steps a run
 # seconds of imports each; `import reprokit` and `reprokit --help` must not pay for them
 HEAVY = ("torch", "matplotlib", "scipy", "pandas")
 

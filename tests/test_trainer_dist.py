@@ -151,4 +151,5 @@ def test_a_killed_ddp_run_of_nproc_2_resumes_under_torchrun_at_its_world_size(tm
     assert _result(run_dir)["replica_mismatch"] == []
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["distributed"]["world_size"] == 2 and manifest["distributed"]["reduction"] == "ddp"
+    assert manifest["distributed"]["ddp"]["model"]["bucket_bytes_cap"] == 25 * 2**20  # the trainer's DDP
     assert manifest["resumes"][-1]["from_step"] == 4
