@@ -220,7 +220,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from reprokit.audit import audit_determinism, determinism_verdict
+    from reprokit.audit import audit_determinism, determinism_verdict, world_size_effect
     from reprokit.config import TrainConfig
     from reprokit.scriptruns import function_command
 
@@ -241,6 +241,9 @@ def _audit(args: argparse.Namespace) -> int:
         print(audit.drop(columns=["losses"]).to_string(index=False))
         print()
         print(verdict.to_string(index=False))
+        if "world_size" in audit.columns:  # per reduction mode: do the world sizes give one model?
+            print()
+            print(world_size_effect(audit).to_string(index=False))
     repeats_identical = verdict["bitwise_identical"].iloc[0] == "yes"
     print("repeats: " + ("every repeat is bitwise identical" if repeats_identical else
                          "repeats with the same settings differ: the run is not deterministic"))

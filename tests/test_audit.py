@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -249,7 +250,8 @@ CANONICAL_SCRIPT = [sys.executable, str(FIXTURES / "canonical" / "canonical_digi
 LAUNCH_TIMEOUT = 180.0  # seconds for one torchrun launch (~6 s at 2 ranks on an idle 2-core machine)
 
 
-def test_world_size_keeps_a_canonical_scripts_bits(tmp_path: Path) -> None:
+def test_world_size_keeps_a_canonical_scripts_bits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """The canonical-mode script at world sizes 1 (one process) and 2 (torchrun): one final digest,
     and world_size_effect says so; the 2-rank run is a torchrun run (rank 1's directory, world size 2
     in the manifest)."""
@@ -263,6 +265,11 @@ def test_world_size_keeps_a_canonical_scripts_bits(tmp_path: Path) -> None:
     (run_dir,) = tmp_path.glob("audit-*/seed0-world_size2-r0")
     assert json.loads((run_dir / "manifest.json").read_text())["distributed"]["world_size"] == 2
     assert (run_dir / "ranks" / "rank-1" / "result.json").is_file()
+    # `reprokit audit --vary world_size=1,2 -- CMD` prints world_size_effect under the verdict
+    monkeypatch.setattr("reprokit.audit.audit_determinism", lambda *_, **__: audit)
+    assert main(["audit", "--vary", "world_size=1,2", "--", *CANONICAL_SCRIPT]) == 0
+    assert re.search(r"world_sizes\s+runs\s+final_digests\s+bitwise_identical\n.*1, 2\s+2\s+1\s+yes",
+                     capsys.readouterr().out)
 
 
 def test_world_size_changes_a_configs_bits_in_ddp_mode_only(tmp_path: Path) -> None:
